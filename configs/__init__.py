@@ -1,0 +1,69 @@
+"""Named quantization configs. Each module here defines CONFIG, a QuantConfig; `load_config` finds it."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import asdict, dataclass, field, replace
+
+from quant_layers.search import SearchSettings
+
+METHODS = ("minmax", "fpq_baseline", "fpq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    name: str
+    method: str  # "minmax": fixed format and absmax ranges; "fpq_baseline"/"fpq": LLM-FP4's search
+    element: str = "fp"  # "fp" or "int" (INT only with "minmax")
+    w_bits: int = 4
+    a_bits: int = 4
+    e_bits: int = 4
+    w_exp: int = 2
+    a_exp: int = 2
+    e_exp: int = 2
+    # FPQ only: "simulated" keeps W and gives activations per-channel biases (the reference code);
+    # "folded" moves the integer offsets 2^-k into W before quantizing it (the paper).
+    preshift: str = "folded"
+    embedding_search: bool = True  # FPQ configs search the table's per-row bias and format
+    quantize_lm_head: bool = True
+    quantize_embedding: bool = True
+    feed_quantized: bool = False  # calibrate block i+1 on block i's quantized output instead of FP
+    search: SearchSettings = field(default_factory=SearchSettings)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.element not in ("fp", "int") or (self.element == "int" and self.method != "minmax"):
+            raise ValueError("element must be 'fp', or 'int' with the minmax method")
+        if self.preshift not in ("simulated", "folded"):
+            raise ValueError(f"preshift must be 'simulated' or 'folded', got {self.preshift!r}")
+        for kind in ("w", "a", "e"):
+            bits, exp = getattr(self, f"{kind}_bits"), getattr(self, f"{kind}_exp")
+            if not 2 <= bits <= 16:
+                raise ValueError(f"--qbits: {kind.upper()} bits must be in 2..16 (16 = not quantized), got {bits}")
+            if self.element == "fp" and bits < 16 and not 1 <= exp <= bits - 1:
+                raise ValueError(f"--qbits: {kind.upper()} exponent bits must be in 1..{bits - 1} for "
+                                 f"{bits}-bit FP, got {exp}")
+
+    def with_qbits(self, qbits) -> "QuantConfig":
+        if len(qbits) != 6:
+            raise ValueError("--qbits takes six integers: W A E bits, then W A E exponent bits (e.g. 4 4 4 2 2 2)")
+        w, a, e, we, ae, ee = (int(v) for v in qbits)
+        return replace(self, w_bits=w, a_bits=a, e_bits=e, w_exp=we, a_exp=ae, e_exp=ee)
+
+    @property
+    def qbits(self) -> list[int]:
+        return [self.w_bits, self.a_bits, self.e_bits, self.w_exp, self.a_exp, self.e_exp]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def load_config(name: str) -> QuantConfig:
+    if name not in available():
+        raise ValueError(f"unknown --quant_config {name!r}; choose one of: {', '.join(available())}")
+    return importlib.import_module(f"{__name__}.{name}").CONFIG

@@ -1,0 +1,192 @@
+"""LLM-FP4 toolkit entry point: calibrate (or reload) a fake-quantized causal LM, then evaluate it.
+
+`python main.py` with no arguments runs the embedded default (offline SmolLM2-135M, FPQ W4A4E4,
+calibration on offline Wikipedia, perplexity on held-out articles and news); see README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+EMBEDDED_DEFAULT = ["--model_args", "pretrained=smollm2-135m-offline", "--quant_config", "FPQ_config_llama",
+                    "--qbits", "4", "4", "4", "2", "2", "2", "--calib_dataset", "enwiki", "--calib_size", "32",
+                    "--calib_seqlen", "512", "--search_strategy", "coarse", "--act_search_tokens", "2048",
+                    "--eval_ppl", "enwiki-heldout", "abcnews", "--ppl_seqlen", "512", "--limit", "64",
+                    "--output_path", "results/default"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and evaluation (lm-eval style)")
+    g.add_argument("--model", default="hf", choices=["hf", "hf-causal", "hf-causal-experimental"],
+                   help="model backend; all three names load a Hugging Face causal LM")
+    g.add_argument("--model_args", default="pretrained=smollm2-135m-offline",
+                   help="pretrained=NAME_OR_PATH[,use_accelerate=True][,dtype=float16]; "
+                        "pretrained=smollm2-135m-offline is the offline SmolLM2-135M")
+    g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (handed to lm-eval)")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--batch_size", default="1", help="lm-eval batch size, or 'auto'")
+    g.add_argument("--no_cache", action="store_true", help="accepted for the reference's scripts; nothing is cached")
+    g.add_argument("--num_fewshot", type=int, default=0)
+    g.add_argument("--limit", type=float, default=None,
+                   help="lm-eval examples per task; also caps the number of perplexity windows")
+    g.add_argument("--output_path", default=None, help="folder for results.json and results.md")
+    g.add_argument("--eval_ppl", nargs="*", default=[],
+                   help="perplexity datasets: wikitext2, c4 (hub), enwiki-heldout, abcnews (offline) or text files")
+    g.add_argument("--ppl_seqlen", type=int, default=2048, help="perplexity window length")
+    g.add_argument("--wandb_name", default=None, help="accepted for the reference's scripts; wandb is not used")
+
+    q = p.add_argument_group("quantization")
+    q.add_argument("--quant_config", default="FPQ_config_llama", help="a config name in configs/")
+    q.add_argument("--qbits", nargs=6, type=int, default=[4, 4, 4, 2, 2, 2], metavar="N",
+                   help="W A E bits, then W A E exponent bits (paper E/W/A 4/4/8 is --qbits 4 8 4 ...); "
+                        "16 bits leaves that operand unquantized")
+    q.add_argument("--calib_dataset", default="c4",
+                   help="c4, wikitext2, pile (hub), enwiki (offline) or a .txt/.jsonl file")
+    q.add_argument("--calib_size", type=int, default=32, help="calibration segments")
+    q.add_argument("--calib_seqlen", type=int, default=2048,
+                   help="tokens per segment (the paper's 2048; the reference code used 1024)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    q.add_argument("--search_round", type=int, default=3)
+    q.add_argument("--search_intervals", nargs=3, type=float, default=[0.01, 1.2, 100], metavar=("G1", "G2", "N"),
+                   help="bias multipliers gamma1 gamma2 and the number of steps n")
+    q.add_argument("--search_grid", choices=["paper", "reference"], default=None,
+                   help="paper: n+1 points with both ends plus gamma=1; reference: the code's n points")
+    q.add_argument("--search_strategy", choices=["full", "coarse"], default=None,
+                   help="full: every grid point; coarse: coarse pass then refine around the best")
+    q.add_argument("--format_space", choices=["paper", "reference"], default=None,
+                   help="paper: every ExMy with E>=1; reference: at 8 bits only E5M2..E1M6")
+    q.add_argument("--preshift", choices=["simulated", "folded"], default=None,
+                   help="FPQ pre-shifted bias: folded into the weights (paper) or simulated (reference code)")
+    q.add_argument("--shift_rounding", choices=["paper", "reference"], default=None,
+                   help="k_j = round(b_j - rho) (paper) or round(b_j) - round(rho) (reference code)")
+    q.add_argument("--act_search_tokens", type=int, default=None,
+                   help="tokens used for the activation-bias search loss (default: all)")
+    q.add_argument("--feed_quantized", action="store_true",
+                   help="calibrate each block on the previous quantized block's output")
+    q.add_argument("--only_eval", action="store_true", help="skip calibration; load --ptq_param_path")
+    q.add_argument("--ptq_param_path", default=None,
+                   help="parameter file to write (calibration) or read (--only_eval); .safetensors or reference .pt")
+    q.add_argument("--fp_only", action="store_true", help="evaluate the full-precision model, no quantization")
+    return p
+
+
+def make_config(args):
+    from configs import load_config
+    from quant_layers.search import replace_settings
+    config = load_config(args.quant_config).with_qbits(args.qbits)
+    g1, g2, n = args.search_intervals
+    if n != int(n):
+        raise ValueError(f"--search_intervals n must be a whole number, got {n}")
+    search = replace_settings(config.search, gamma_low=g1, gamma_high=g2, n_candidates=int(n),
+                              rounds=args.search_round, grid=args.search_grid, strategy=args.search_strategy,
+                              format_space=args.format_space, shift_rounding=args.shift_rounding,
+                              act_search_tokens=args.act_search_tokens, seed=args.seed)
+    changes = {"search": search, "feed_quantized": args.feed_quantized or config.feed_quantized}
+    if args.preshift:
+        changes["preshift"] = args.preshift
+    return replace(config, **changes)
+
+
+def resolve_device(requested):
+    import torch
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available; pass --device cpu")
+    return requested
+
+
+def output_folder(args, model_name):
+    if args.output_path is None:
+        return None
+    folder = Path(args.output_path)
+    folder = folder.parent if folder.suffix == ".json" else folder
+    existing = folder / "results.json"
+    if existing.exists():
+        previous = json.loads(existing.read_text()).get("model")
+        if previous not in (None, model_name):
+            raise ValueError(f"{existing} holds results of another model ({previous}); choose another --output_path")
+    return folder
+
+
+def run(args) -> dict:
+    import torch
+    from utils import data, evaluation, models, params
+    from utils.calibrate import prepare_model, quantize
+    from utils.report import format_table, write_results
+
+    model_args = models.parse_model_args(args.model_args)
+    if "pretrained" not in model_args:
+        raise ValueError("--model_args needs pretrained=NAME_OR_PATH")
+    name, device = model_args["pretrained"], resolve_device(args.device)
+    config = None if args.fp_only else make_config(args)
+    folder = output_folder(args, name)
+    dtype = model_args.get("dtype", "auto")
+    if dtype == "auto" and device == "cpu":
+        dtype = "float32"  # half-precision matmuls are slow or missing on CPUs
+    model, tokenizer = models.load_model(name, dtype, device, bool(model_args.get("use_accelerate", False)))
+    torch.manual_seed(args.seed)
+
+    result = {"model": name, "quant_config": config.name if config else "FP", "qbits": config.qbits if config else None,
+              "settings": config.to_dict() if config else None}
+    if config is not None:
+        adapter = prepare_model(model, config)
+        fingerprint = models.model_fingerprint(model)
+        calib_tag = f"{Path(args.calib_dataset).stem}{args.calib_size}x{args.calib_seqlen}s{args.seed}"
+        path = Path(args.ptq_param_path or params.default_path("search_result", config, name, fingerprint, calib_tag))
+        if args.only_eval:
+            params.load_params(path, model, config)
+            print(f"loaded quantization parameters from {path}")
+        else:
+            calib = data.calibration_samples(tokenizer, args.calib_dataset, args.calib_size, args.calib_seqlen,
+                                             args.seed)
+            report = quantize(model, config, calib, adapter)
+            params.save_params(path, model, config, name, {"calibration": {
+                "dataset": args.calib_dataset, "size": args.calib_size, "seqlen": args.calib_seqlen,
+                "seed": args.seed}})
+            print(f"saved quantization parameters to {path}")
+            result["calibration"] = report.to_dict()
+        result["param_path"] = str(path)
+
+    max_windows = int(args.limit) if args.limit else None
+    result["ppl"] = {}
+    for dataset in args.eval_ppl:
+        tokens = data.evaluation_tokens(tokenizer, dataset)
+        result["ppl"][dataset] = evaluation.perplexity(model, tokens, args.ppl_seqlen, max_windows, desc=dataset)
+    if args.tasks:
+        from utils.lm_eval_tasks import evaluate_tasks
+        result["tasks"] = evaluate_tasks(model, tokenizer, args)
+    result["versions"] = params.versions()
+    print(format_table(result))
+    if folder is not None:
+        write_results(folder, result)
+        print(f"results written to {folder}/results.json")
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("no arguments: running the embedded default:\n  python main.py " + " ".join(EMBEDDED_DEFAULT))
+        argv = EMBEDDED_DEFAULT
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    from utils.errors import USER_ERRORS
+    try:
+        run(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"total time {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

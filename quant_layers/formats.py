@@ -1,0 +1,121 @@
+"""Element formats: sign/exponent/mantissa floating point (ExMy) with a real exponent bias, and INT.
+
+Everything here is pure tensor math (no modules, no model knowledge). The FP quantizer follows
+LLM-FP4 (spec 1.3): clip to the format's maximum, take the exponent with the subnormal clamp,
+round to the step of that binade (half to even). There is no Inf/NaN encoding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Absmax values below this are treated as this value, so an all-zero row or channel gets a large
+# finite bias (and quantizes to exact zeros) instead of +inf and then NaN.
+MIN_ABSMAX = 2.0 ** -32
+
+
+@dataclass(frozen=True)
+class FPFormat:
+    """A floating-point format with 1 sign bit, `exponent_bits` and `mantissa_bits`."""
+
+    exponent_bits: int
+    mantissa_bits: int
+
+    def __post_init__(self):
+        if self.exponent_bits < 1 or self.mantissa_bits < 0:
+            raise ValueError(f"invalid FP format E{self.exponent_bits}M{self.mantissa_bits}: need E >= 1 and M >= 0")
+
+    @classmethod
+    def from_bits(cls, bits: int, exponent_bits: int) -> "FPFormat":
+        if not 2 <= bits <= 16 or not 1 <= exponent_bits <= bits - 1:
+            raise ValueError(f"{bits}-bit FP needs 1 <= exponent bits <= {bits - 1}, got {exponent_bits}")
+        return cls(exponent_bits, bits - 1 - exponent_bits)
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def name(self) -> str:
+        return f"E{self.exponent_bits}M{self.mantissa_bits}"
+
+    @property
+    def max_exponent_code(self) -> int:
+        return 2 ** self.exponent_bits - 1
+
+    def maxval(self, bias):
+        """Largest magnitude at exponent bias `bias` (a float or tensor): (2 - 2^-M) * 2^(2^E - 1 - bias)."""
+        return (2 - 2.0 ** -self.mantissa_bits) * _exp2(self.max_exponent_code - bias)
+
+    def bias_for_maxval(self, maxval):
+        """The real exponent bias whose maxval equals `maxval` (the MinMax bias of a slice with that absmax)."""
+        if torch.is_tensor(maxval):
+            log_max = torch.log2(maxval.to(_compute_dtype(maxval)).clamp_min(MIN_ABSMAX))
+        else:
+            log_max = math.log2(max(maxval, MIN_ABSMAX))
+        return 2 ** self.exponent_bits - log_max + math.log2(2 - 2.0 ** -self.mantissa_bits) - 1
+
+
+def _exp2(x):
+    return torch.exp2(x) if torch.is_tensor(x) else 2.0 ** x
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 only for exact tests
+
+
+def fp_quantize(x: torch.Tensor, fmt: FPFormat, bias) -> torch.Tensor:
+    """Fake-quantize `x` to `fmt` with the (broadcastable, real-valued) exponent bias `bias`."""
+    dtype = _compute_dtype(x)
+    bias = bias.to(dtype) if torch.is_tensor(bias) else torch.tensor(bias, dtype=dtype, device=x.device)
+    maxval = fmt.maxval(bias)
+    x = torch.maximum(torch.minimum(x.to(dtype), maxval), -maxval)
+    exponent = torch.floor(torch.log2(x.abs()) + bias).clamp_min(1)  # log2(0) = -inf -> subnormal binade
+    step = torch.exp2(exponent - (fmt.mantissa_bits + bias))
+    return torch.round(x / step) * step
+
+
+def fp_grid(fmt: FPFormat, bias: float = 0.0) -> torch.Tensor:
+    """All non-negative values of `fmt` at `bias`, sorted (0, subnormals, normals up to maxval)."""
+    m_steps = 2 ** fmt.mantissa_bits
+    sub = [k * 2.0 ** (1 - fmt.mantissa_bits - bias) for k in range(m_steps)]
+    normal = [2.0 ** (e - bias) * (1 + m / m_steps) for e in range(1, fmt.max_exponent_code + 1) for m in range(m_steps)]
+    return torch.tensor(sorted(set(sub + normal)), dtype=torch.float64)
+
+
+def fp_formats(bits: int, space: str = "paper") -> list[FPFormat]:
+    """Candidate formats for a `bits`-wide search.
+
+    "paper": every split with E >= 1 (the paper excludes only E0, i.e. INT).
+    "reference": what the released code searches: at 8 bits only M in 2..6 (no E7M0/E6M1).
+    """
+    if space not in ("paper", "reference"):
+        raise ValueError(f"format space must be 'paper' or 'reference', got {space!r}")
+    formats = [FPFormat(bits - 1 - m, m) for m in range(bits - 1)]  # E from bits-1 down to 1
+    if space == "reference" and bits == 8:
+        formats = [f for f in formats if 2 <= f.mantissa_bits <= 6]
+    return formats
+
+
+def int_symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    return absmax.float().clamp_min(MIN_ABSMAX) / (2 ** (bits - 1) - 1)
+
+
+def int_quantize_symmetric(x: torch.Tensor, bits: int, scale) -> torch.Tensor:
+    """Symmetric INT-q with levels -(2^(q-1)-1)..(2^(q-1)-1) times `scale` (no most-negative level)."""
+    q_max = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale), -q_max, q_max) * scale
+
+
+def int_asymmetric_params(x_min: torch.Tensor, x_max: torch.Tensor, bits: int):
+    """Scale and integer zero point covering [min(x_min, 0), max(x_max, 0)] with 2^q levels."""
+    x_min, x_max = x_min.float().clamp(max=0), x_max.float().clamp(min=0)
+    scale = (x_max - x_min).clamp_min(MIN_ABSMAX) / (2 ** bits - 1)
+    return scale, torch.round(-x_min / scale)
+
+
+def int_quantize_asymmetric(x: torch.Tensor, bits: int, scale, zero) -> torch.Tensor:
+    codes = torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale) + zero, 0, 2 ** bits - 1)
+    return (codes - zero) * scale

@@ -1,0 +1,78 @@
+"""Wrapped modules that fake-quantize a linear layer (weight and input) or an embedding table.
+
+The quantized weight is computed once by `freeze()` after calibration and cached, so a forward pass
+costs one activation quantization plus the original matmul.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuantLinear(nn.Module):
+    """y = Q_a(x * 2^shift) @ Q_w(W * 2^-shift)^T + b.
+
+    `input_shift` holds the integer per-input-channel exponent offsets of the *folded* pre-shifted bias
+    (LLM-FP4 sec. 4.2): the offsets live in the weights and the activations use one tensor bias. It is
+    None in every other mode.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quantizer: nn.Module | None = None
+        self.act_quantizer: nn.Module | None = None
+        self.register_buffer("input_shift", None)
+        self.register_buffer("quantized_weight", None, persistent=False)
+        self.quantize = False
+
+    def shifted_weight(self) -> torch.Tensor:
+        w = self.weight.detach().float()
+        return w if self.input_shift is None else w * torch.exp2(-self.input_shift)
+
+    def freeze(self):
+        """Cache Q_w(W) in the weight's dtype and switch to quantized forward."""
+        w = self.shifted_weight()
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer(w)
+        self.quantized_weight = w.to(self.weight.dtype)
+        self.quantize = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize:
+            return F.linear(x, self.weight, self.bias)
+        if self.input_shift is not None:
+            x = x * torch.exp2(self.input_shift).to(x.dtype)
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        return F.linear(x, self.quantized_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, quantize={self.quantize}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding lookup into a fake-quantized copy of the table."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.weight = embedding.weight
+        self.weight_quantizer: nn.Module | None = None
+        self.register_buffer("quantized_weight", None, persistent=False)
+        self.quantize = False
+
+    def freeze(self):
+        w = self.weight.detach().float()
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer(w)
+        self.quantized_weight = w.to(self.weight.dtype)
+        self.quantize = True
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.quantized_weight if self.quantize else self.weight
+        return F.embedding(ids, table, self.padding_idx)

@@ -1,0 +1,357 @@
+"""LLM-FP4's per-layer search (spec sec. 4.3-4.6), vectorized over candidates.
+
+A candidate clipping range is a multiplier gamma of a format's MinMax exponent bias (bias = gamma *
+b_init, as the paper's search space [gamma1 * b_init, gamma2 * b_init]). States below keep gamma, so a
+state is cheap to copy and the concrete biases are derived where needed.
+
+Losses are the layer-output squared error against the full-precision output:
+- the per-row weight search uses ||X w - Xq q||^2 = w'Gw - 2 q'(Xq'X)w + q'(Xq'Xq)q, whose cost does not
+  grow with the number of calibration tokens;
+- the activation (rho) search quantizes the inputs per candidate and may use a fixed random subset of the
+  tokens (`act_search_tokens`); the per-channel statistics always come from every token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .formats import FPFormat, fp_formats, fp_quantize
+from .quantizers import FPQuantizer, absmax
+
+WEIGHT_FIRST = ("w_bias", "w_format", "a_bias", "a_format")  # FPQ baseline (paper Alg. 1)
+BIAS_FIRST = ("w_bias", "a_bias", "w_format", "a_format")  # FPQ with pre-shifted bias (reference order)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    gamma_low: float = 0.01
+    gamma_high: float = 1.2
+    n_candidates: int = 100
+    rounds: int = 3
+    # "paper": gamma1 + i (gamma2 - gamma1) / n for i = 0..n, plus gamma = 1 (MinMax);
+    # "reference": i = 0..n-1 only, as the released code (gamma2 and MinMax never tried).
+    grid: str = "paper"
+    # "full" evaluates every grid point; "coarse" evaluates every ~sqrt(N)-th point, then every point
+    # around the best one (per row for weights): about 2 sqrt(N) evaluations instead of N.
+    strategy: str = "full"
+    format_space: str = "paper"
+    # Integer channel offset k_j: "paper" round(b_j - rho); "reference" round(b_j) - round(rho).
+    shift_rounding: str = "paper"
+    # A format-selection step keeps the current quantizer unless a candidate is strictly better, so a
+    # layer never ends worse than where it started (the reference can, see spec sec. 4.4).
+    keep_better: bool = True
+    act_search_tokens: int | None = None
+    memory_mb: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.gamma_low < self.gamma_high:
+            raise ValueError(f"--search_intervals needs 0 < gamma1 < gamma2, got {self.gamma_low}, {self.gamma_high}")
+        if self.n_candidates < 1 or self.rounds < 1:
+            raise ValueError("--search_intervals n and --search_round must be at least 1")
+        for name, value, allowed in (("grid", self.grid, ("paper", "reference")),
+                                     ("strategy", self.strategy, ("full", "coarse")),
+                                     ("shift_rounding", self.shift_rounding, ("paper", "reference"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def gammas(self) -> torch.Tensor:
+        n, lo, hi = self.n_candidates, self.gamma_low, self.gamma_high
+        points = [lo + i * (hi - lo) / n for i in range(n + (self.grid == "paper"))]
+        if self.grid == "paper":
+            points.append(1.0)
+        return torch.tensor(sorted(set(points)), dtype=torch.float32)
+
+
+def grid_argmin(loss_fn, gammas: torch.Tensor, rows: int, strategy: str, elements_per_row: int,
+                budget_elements: int):
+    """Minimise loss_fn over the grid, independently per row.
+
+    loss_fn(g, rows) takes candidate multipliers g [C, len(rows)] for the row slice `rows` and returns
+    losses [C, len(rows)]. Work is split into blocks of rows x candidates of about `budget_elements`
+    elements, small enough to stay in cache instead of allocating huge temporaries.
+    Returns (best gamma [rows], best loss [rows]).
+    """
+    n = gammas.numel()
+    row_block = max(1, min(rows, budget_elements // max(1, elements_per_row)))
+    chunk = max(1, budget_elements // (row_block * elements_per_row))
+    best_gamma, best_loss = [], []
+    for start in range(0, rows, row_block):
+        block = slice(start, min(rows, start + row_block))
+        count = block.stop - block.start
+
+        def evaluate(index):  # index [C, count] into gammas
+            return torch.cat([loss_fn(gammas[index[i:i + chunk]], block) for i in range(0, index.shape[0], chunk)])
+
+        if strategy == "full" or n <= 9:
+            index = torch.arange(n, device=gammas.device)[:, None].expand(n, count)
+        else:
+            step = max(2, round(math.sqrt(n)))
+            coarse = torch.cat([torch.arange(0, n, step, device=gammas.device),
+                                torch.tensor([n - 1], device=gammas.device),
+                                torch.argmin((gammas - 1).abs()).reshape(1)]).unique()
+            center = coarse[evaluate(coarse[:, None].expand(-1, count)).argmin(0)]
+            offsets = torch.arange(-step + 1, step, device=gammas.device)
+            index = (center[None, :] + offsets[:, None]).clamp(0, n - 1)
+        losses = evaluate(index)
+        best = losses.argmin(0)
+        cols = torch.arange(count, device=gammas.device)
+        best_gamma.append(gammas[index[best, cols]])
+        best_loss.append(losses[best, cols])
+    return torch.cat(best_gamma), torch.cat(best_loss)
+
+
+@dataclass(frozen=True)
+class WeightState:
+    fmt: FPFormat | None  # None: not quantized
+    gamma: torch.Tensor  # [out] multiplier of each row's MinMax bias
+
+    def key(self):
+        return self.fmt, self.gamma.cpu().numpy().tobytes()
+
+
+@dataclass(frozen=True)
+class ActState:
+    fmt: FPFormat | None  # None: not quantized
+    gamma: float  # multiplier of the tensor MinMax bias, or of rho_init = min_j b_j (pre-shifted)
+
+    def key(self):
+        return self.fmt, self.gamma
+
+
+class LinearSearch:
+    """Searches W and A formats and biases of one linear layer from its captured inputs.
+
+    `inputs` is [tokens, in_features]; `per_channel` selects the pre-shifted per-channel activation
+    bias (FPQ) instead of one tensor bias (FPQ baseline); `folded` puts the integer offsets into the
+    weights (the paper's deployable form) instead of simulating per-channel activation biases.
+    """
+
+    def __init__(self, weight: torch.Tensor, inputs: torch.Tensor, settings: SearchSettings,
+                 per_channel: bool, folded: bool = False):
+        if folded and not per_channel:
+            raise ValueError("the folded pre-shifted bias needs per-channel activation biases")
+        self.settings, self.per_channel, self.folded = settings, per_channel, folded
+        self.weight = weight.detach().float()
+        self.device = self.weight.device
+        self.inputs = inputs
+        self.channel_absmax = absmax(inputs, "channel").to(self.device)
+        self.tensor_absmax = self.channel_absmax.max()
+        self.gram = self._gram(lambda x: x, lambda x: x)  # X'X
+        self.sample = self._token_sample(settings.act_search_tokens)
+        self.sample_out = self.sample @ self.weight.T
+        self.gammas = settings.gammas().to(self.device)
+        self._gram_cache: dict = {}
+
+    # ----- activations -----
+    def _token_sample(self, count):
+        tokens = self.inputs.shape[0]
+        if count is None or count >= tokens:
+            return self.inputs.to(self.device, torch.float32)
+        generator = torch.Generator().manual_seed(self.settings.seed)
+        pick = torch.randperm(tokens, generator=generator)[:count].sort().values
+        return self.inputs[pick.to(self.inputs.device)].to(self.device, torch.float32)
+
+    def act_bias(self, fmt: FPFormat, gamma: torch.Tensor):
+        """Biases for multipliers gamma [C]: (bias [C, 1, in] or [C, 1, 1], shift k [C, in] or None)."""
+        gamma = gamma.reshape(-1, 1)
+        if not self.per_channel:
+            return (gamma * fmt.bias_for_maxval(self.tensor_absmax)).reshape(-1, 1, 1), None
+        channel_bias = fmt.bias_for_maxval(self.channel_absmax)  # b_j, [in]
+        rho = gamma * channel_bias.min()  # [C, 1]
+        if self.settings.shift_rounding == "paper":
+            shift = torch.round(channel_bias - rho)
+        else:
+            shift = torch.round(channel_bias) - torch.round(rho)
+        shift = shift.clamp(0, fmt.max_exponent_code)
+        return (rho + shift)[:, None, :], shift
+
+    def quantize_inputs(self, x, state: ActState):
+        if state.fmt is None:
+            return x
+        bias, _ = self.act_bias(state.fmt, torch.tensor([state.gamma], device=self.device))
+        return fp_quantize(x, state.fmt, bias[0])
+
+    def shift_of(self, state: ActState):
+        if not self.folded or state.fmt is None:
+            return None
+        return self.act_bias(state.fmt, torch.tensor([state.gamma], device=self.device))[1][0]
+
+    # ----- weights -----
+    def effective_weight(self, fmt: FPFormat, gamma: torch.Tensor, shift=None, rows=slice(None)) -> torch.Tensor:
+        """Q(W 2^-k; gamma * b_init) 2^k for gamma [..., out] and shift k [..., in] (or None)."""
+        weight = self.weight[rows]
+        if fmt is None:
+            return weight
+        w = weight if shift is None else weight * torch.exp2(-shift)[..., None, :]
+        bias = gamma[..., None] * fmt.bias_for_maxval(w.abs().amax(-1))[..., None]
+        q = fp_quantize(w, fmt, bias)
+        return q if shift is None else q * torch.exp2(shift)[..., None, :]
+
+    def weight_bias(self, state: WeightState, act: ActState) -> torch.Tensor:
+        shift = self.shift_of(act)
+        w = self.weight if shift is None else self.weight * torch.exp2(-shift)
+        return (state.gamma * state.fmt.bias_for_maxval(w.abs().amax(-1)))[:, None]
+
+    # ----- losses -----
+    def _gram(self, left, right):
+        """sum over token chunks of left(X)' right(X), in float32."""
+        in_features = self.weight.shape[1]
+        total = torch.zeros(in_features, in_features, device=self.device)
+        chunk = max(1, (self.settings.memory_mb << 18) // (4 * in_features))
+        for start in range(0, self.inputs.shape[0], chunk):
+            x = self.inputs[start:start + chunk].to(self.device, torch.float32)
+            total += left(x).T @ right(x)
+        return total
+
+    def _act_grams(self, act: ActState):
+        key = act.key()
+        if key not in self._gram_cache:
+            self._gram_cache.clear()  # only the current activation state is ever reused
+            quant = lambda x: self.quantize_inputs(x, act)  # noqa: E731
+            gq = self._gram(quant, quant)
+            gqx = self._gram(quant, lambda x: x)
+            self._gram_cache[key] = (gq, self.weight @ gqx.T, ((self.weight @ self.gram) * self.weight).sum(-1))
+        return self._gram_cache[key]
+
+    def row_losses(self, q: torch.Tensor, act: ActState, rows=slice(None)) -> torch.Tensor:
+        """||X w_r - Xq q_r||^2 per row for effective weights q [..., out, in] of the rows `rows`."""
+        gq, cross, const = self._act_grams(act)
+        return (((q @ gq) * q).sum(-1) - 2 * (q * cross[rows]).sum(-1) + const[rows]).clamp_min(0)
+
+    def layer_loss(self, weight: WeightState, act: ActState) -> float:
+        q = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
+        return self.row_losses(q, act).sum().item()
+
+    def sample_loss(self, weight_fn, fmt: FPFormat, gamma: torch.Tensor) -> torch.Tensor:
+        """Output squared error on the token sample for activation multipliers gamma [C]."""
+        bias, shift = self.act_bias(fmt, gamma)
+        xq = fp_quantize(self.sample, fmt, bias)  # [C, S, in]
+        out = (xq @ weight_fn(shift).transpose(-1, -2)).sub_(self.sample_out)
+        return out.pow_(2).sum((-1, -2))
+
+    def _budget(self) -> int:
+        return budget_elements(self.settings, self.device)
+
+    # ----- the four steps -----
+    def search_weight_bias(self, fmt: FPFormat, act: ActState) -> tuple[WeightState, float]:
+        shift = self.shift_of(act)
+        out_features, in_features = self.weight.shape
+        loss_fn = lambda g, rows: self.row_losses(self.effective_weight(fmt, g, shift, rows), act, rows)  # noqa: E731
+        gamma, loss = grid_argmin(loss_fn, self.gammas, out_features, self.settings.strategy, in_features,
+                                  self._budget())
+        return WeightState(fmt, gamma), loss.sum().item()
+
+    def search_act_bias(self, fmt: FPFormat, weight: WeightState, act: ActState) -> ActState:
+        # The other operand is held fixed, as in every alternating step: here the current effective
+        # weight (in folded form, quantized at the current shifts; the next weight step re-fits it).
+        fixed = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
+        size = self.sample.shape[0] * (self.sample.shape[1] + self.weight.shape[0])
+        loss_fn = lambda g, _rows: self.sample_loss(lambda _: fixed, fmt, g[:, 0])[:, None]  # noqa: E731
+        gamma, _ = grid_argmin(loss_fn, self.gammas, 1, self.settings.strategy, size, 4 * self._budget())
+        return ActState(fmt, gamma.item())
+
+    def select_weight(self, candidates, current: WeightState, act: ActState, known_losses: dict):
+        options = list(candidates) + ([current] if self.settings.keep_better else [])
+        losses = [known_losses.get(c.key()) for c in options]
+        losses = [self.layer_loss(c, act) if loss is None else loss for c, loss in zip(options, losses)]
+        return _pick(options, losses, current if self.settings.keep_better else None)
+
+    def select_act(self, candidates, current: ActState, weight: WeightState) -> ActState:
+        # Compare the formats on the token sample (as the rho search did), then confirm on every token.
+        def sample_loss(act):
+            shift = self.shift_of(act)
+            q = self.effective_weight(weight.fmt, weight.gamma, shift)
+            return self.sample_loss(lambda _: q, act.fmt, torch.tensor([act.gamma], device=self.device)).item()
+        best = _pick(candidates, [sample_loss(c) for c in candidates], None)
+        if self.settings.keep_better and best.key() != current.key():
+            if self.layer_loss(weight, best) >= self.layer_loss(weight, current):
+                return current
+        return best
+
+    def run(self, w_format: FPFormat | None, a_format: FPFormat | None, order=BIAS_FIRST, search=True):
+        """The alternating search from MinMax states in the given formats (None: that side stays full
+        precision). Returns (weight state, act state, {"minmax": loss, "searched": loss})."""
+        space = self.settings.format_space
+        weight = WeightState(w_format, torch.ones(self.weight.shape[0], device=self.device))
+        act = ActState(a_format, 1.0)
+        minmax_loss = self.layer_loss(weight, act)
+        if w_format is None:
+            order = [s for s in order if not s.startswith("w_")]
+        if a_format is None:
+            order = [s for s in order if not s.startswith("a_")]
+        w_candidates, a_candidates, w_losses = [], [], {}
+        for _ in range(self.settings.rounds if search else 0):
+            start = (weight.key(), act.key())
+            for step in order:
+                if step == "w_bias":
+                    results = [self.search_weight_bias(f, act) for f in fp_formats(w_format.bits, space)]
+                    w_candidates = [s for s, _ in results]
+                    w_losses = {s.key(): loss for s, loss in results}
+                elif step == "a_bias":
+                    a_candidates = [self.search_act_bias(f, weight, act) for f in fp_formats(a_format.bits, space)]
+                elif step == "w_format":
+                    weight = self.select_weight(w_candidates, weight, act, w_losses)
+                else:
+                    act = self.select_act(a_candidates, act, weight)
+                    w_losses = {}  # those losses were measured against the previous activation state
+            if (weight.key(), act.key()) == start:
+                break  # a round's result depends only on its starting states: later rounds repeat it
+        return weight, act, {"minmax": minmax_loss, "searched": self.layer_loss(weight, act)}
+
+    # ----- results as modules -----
+    def weight_quantizer(self, weight: WeightState, act: ActState) -> FPQuantizer:
+        return FPQuantizer(weight.fmt, self.weight_bias(weight, act))
+
+    def act_quantizer(self, act: ActState) -> tuple[FPQuantizer, torch.Tensor | None]:
+        """The activation quantizer and, in folded form, the input shift k to put into the weights."""
+        bias, shift = self.act_bias(act.fmt, torch.tensor([act.gamma], device=self.device))
+        if self.folded:
+            rho = act.gamma * act.fmt.bias_for_maxval(self.channel_absmax).min()
+            return FPQuantizer(act.fmt, rho.reshape(())), shift[0]
+        return FPQuantizer(act.fmt, bias.reshape(-1) if self.per_channel else bias.reshape(())), None
+
+
+def budget_elements(settings: SearchSettings, device) -> int:
+    """Elements of one candidate block: a cache-sized block on CPU, `memory_mb` worth on a GPU."""
+    if device.type == "cpu":
+        return 1 << 20
+    return (settings.memory_mb << 20) // (4 * 8)  # ~8 float32 temporaries per element
+
+
+def _pick(options, losses, incumbent):
+    best = min(range(len(options)), key=lambda i: losses[i])
+    if incumbent is not None:
+        current = next(i for i, o in enumerate(options) if o is incumbent)
+        if losses[best] >= losses[current]:
+            return incumbent
+    return options[best]
+
+
+def search_embedding(weight: torch.Tensor, bits: int, settings: SearchSettings) -> FPQuantizer:
+    """Per-row bias and one format minimising the table's own squared error (no data needed).
+
+    Rows do not interact and nothing else changes between rounds, so one round gives the same
+    result as the reference's repeated rounds.
+    """
+    weight = weight.detach().float()
+    gammas = settings.gammas().to(weight.device)
+    best = None
+    for fmt in fp_formats(bits, settings.format_space):
+        b_init = fmt.bias_for_maxval(weight.abs().amax(-1))
+
+        def loss_fn(g, rows):
+            w = weight[rows]
+            return (fp_quantize(w, fmt, (g * b_init[rows])[..., None]) - w).pow_(2).sum(-1)
+
+        gamma, loss = grid_argmin(loss_fn, gammas, weight.shape[0], settings.strategy, weight.shape[1],
+                                  budget_elements(settings, weight.device))
+        if best is None or loss.sum() < best[0]:
+            best = (loss.sum().item(), FPQuantizer(fmt, (gamma * b_init)[:, None]))
+    return best[1]
+
+
+def replace_settings(settings: SearchSettings, **changes) -> SearchSettings:
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})

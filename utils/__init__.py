@@ -1,0 +1,1 @@
+"""Workflow: data, model loading and adapters, the calibration driver, parameter files, evaluation."""

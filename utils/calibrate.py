@@ -1,0 +1,204 @@
+"""The calibration driver: wraps a model, captures each decoder block's inputs once, calibrates the
+block's linears from that capture, then moves on (block-wise, not one full forward per linear).
+
+Numerics (formats, searches) come from quant_layers; this file only knows where modules are.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from configs import QuantConfig
+from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, QuantEmbedding, QuantLinear
+from quant_layers.search import BIAS_FIRST, WEIGHT_FIRST, search_embedding
+
+from .models import ModelAdapter, adapter_for, get_module, set_module, untie_embeddings
+
+
+@dataclass
+class CalibrationReport:
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    block_seconds: list = field(default_factory=list)
+    layers: dict = field(default_factory=dict)  # module path -> {"minmax", "searched", formats}
+
+    def to_dict(self) -> dict:
+        return {"seconds": round(self.seconds, 2), "peak_memory_mb": round(self.peak_memory_mb, 1),
+                "block_seconds": [round(s, 2) for s in self.block_seconds], "layers": self.layers}
+
+
+class _StopForward(Exception):
+    pass
+
+
+def quantized_linear_paths(model, adapter: ModelAdapter) -> list[str]:
+    blocks = get_module(model, adapter.layers)
+    paths = [f"{adapter.layers}.{i}.{name}" for i in range(len(blocks))
+             for group in adapter.linear_groups for name in group]
+    return paths
+
+
+def prepare_model(model, config: QuantConfig, adapter: ModelAdapter | None = None) -> ModelAdapter:
+    """Untie embeddings and replace every quantized linear / the table by its wrapper (idempotent)."""
+    adapter = adapter or adapter_for(model)
+    untie_embeddings(model, adapter)
+    paths = quantized_linear_paths(model, adapter) + ([adapter.lm_head] if config.quantize_lm_head else [])
+    for path in paths:
+        module = get_module(model, path)
+        if isinstance(module, nn.Linear):
+            set_module(model, path, QuantLinear(module))
+    table = get_module(model, adapter.embedding)
+    if config.quantize_embedding and isinstance(table, nn.Embedding):
+        set_module(model, adapter.embedding, QuantEmbedding(table))
+    return adapter
+
+
+def quant_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+
+
+def set_quantized(model, enabled: bool):
+    for module in quant_modules(model).values():
+        module.quantize = enabled and module.quantized_weight is not None
+
+
+# ----- per-module calibration -----
+def calibrate_embedding(module: QuantEmbedding, config: QuantConfig):
+    if config.e_bits >= 16:
+        return
+    w = module.weight.detach()
+    if config.element == "int":
+        module.weight_quantizer = IntQuantizer.minmax(w, config.e_bits, "tensor")
+    elif config.embedding_search and config.method != "minmax":
+        module.weight_quantizer = search_embedding(w, config.e_bits, config.search)
+    else:
+        module.weight_quantizer = FPQuantizer.minmax(w, FPFormat.from_bits(config.e_bits, config.e_exp), "tensor")
+    module.freeze()
+
+
+def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantConfig) -> dict:
+    """Set the weight and activation quantizers of one linear from its captured inputs [tokens, in]."""
+    w = module.weight.detach()
+    quant_w, quant_a = config.w_bits < 16, config.a_bits < 16
+    if config.element == "int":
+        module.weight_quantizer = IntQuantizer.minmax(w, config.w_bits, "row") if quant_w else None
+        module.act_quantizer = IntQuantizer.minmax(inputs, config.a_bits, "tensor") if quant_a else None
+        module.freeze()
+        return {}
+    search = LinearSearch(w, inputs, config.search, per_channel=config.method == "fpq",
+                          folded=config.method == "fpq" and config.preshift == "folded")
+    w_fmt = FPFormat.from_bits(config.w_bits, config.w_exp) if quant_w else None
+    a_fmt = FPFormat.from_bits(config.a_bits, config.a_exp) if quant_a else None
+    order = BIAS_FIRST if config.method == "fpq" else WEIGHT_FIRST
+    weight, act, report = search.run(w_fmt, a_fmt, order, search=config.method != "minmax")
+    module.weight_quantizer = search.weight_quantizer(weight, act) if quant_w else None
+    if quant_a:
+        module.act_quantizer, module.input_shift = search.act_quantizer(act)
+    module.freeze()
+    return {**report, "w_format": weight.fmt.name if quant_w else None, "a_format": act.fmt.name if quant_a else None}
+
+
+# ----- the block-wise driver -----
+def _capture_block_inputs(model, adapter, samples, batch_size):
+    """Run the model up to the first decoder block; return its inputs [N, T, H] and call kwargs."""
+    first = get_module(model, adapter.layers)[0]
+    captured, call_kwargs = [], {}
+
+    def hook(_module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+        call_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, len(samples), batch_size):
+            try:
+                model(samples[start:start + batch_size].to(model.device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    call_kwargs.pop("past_key_values", None)
+    call_kwargs["use_cache"] = False
+    return torch.cat(captured), call_kwargs
+
+
+def _run_block(block, hidden, call_kwargs, batch_size):
+    outs = []
+    for start in range(0, hidden.shape[0], batch_size):
+        out = block(hidden[start:start + batch_size], **call_kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+def _capture_linear_inputs(block, group_heads, hidden, call_kwargs, batch_size):
+    """Block outputs and the flattened inputs [tokens, in] of each named linear (one forward pass)."""
+    store = {name: [] for name in group_heads}
+    handles = [block.get_submodule(name).register_forward_hook(
+        lambda _m, args, _out, name=name: store[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for name in group_heads]
+    try:
+        out = _run_block(block, hidden, call_kwargs, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, {name: torch.cat(chunks) for name, chunks in store.items()}
+
+
+@torch.no_grad()
+def quantize(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,
+             batch_size: int = 1, progress: bool = True) -> CalibrationReport:
+    """Calibrate `model` in place for `config` on token windows `calib_data` [N, T]; returns a report.
+
+    Library entry point: after it returns, the model runs fake-quantized.
+    """
+    adapter = prepare_model(model, config, adapter)
+    report, started = CalibrationReport(), time.perf_counter()
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    set_quantized(model, False)
+
+    table = get_module(model, adapter.embedding)
+    if isinstance(table, QuantEmbedding):
+        calibrate_embedding(table, config)
+        table.quantize = False  # blocks are calibrated on full-precision inputs
+
+    hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, batch_size)
+    blocks = get_module(model, adapter.layers)
+    for index, block in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress)):
+        block_start = time.perf_counter()
+        heads = [group[0] for group in adapter.linear_groups]
+        fp_out, inputs = _capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
+        for group in adapter.linear_groups:
+            for name in group:
+                path = f"{adapter.layers}.{index}.{name}"
+                report.layers[path] = calibrate_linear(block.get_submodule(name), inputs[group[0]], config)
+        del inputs
+        if config.feed_quantized:
+            set_quantized(block, True)
+            hidden = _run_block(block, hidden, call_kwargs, batch_size)
+        else:
+            hidden = fp_out
+            set_quantized(block, False)
+        report.block_seconds.append(time.perf_counter() - block_start)
+
+    head = get_module(model, adapter.lm_head)
+    if isinstance(head, QuantLinear):
+        normed = get_module(model, adapter.final_norm)(hidden)
+        report.layers[adapter.lm_head] = calibrate_linear(head, normed.reshape(-1, normed.shape[-1]), config)
+    set_quantized(model, True)
+    report.seconds = time.perf_counter() - started
+    report.peak_memory_mb = peak_memory_mb(device)
+    return report
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

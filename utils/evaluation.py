@@ -1,0 +1,25 @@
+"""Perplexity as GPTQ / LLM-FP4 / FlatQuant report it: the evaluation text joined into one token stream,
+cut into non-overlapping windows of `seqlen` tokens (the partial tail dropped), exp(mean token NLL)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+               progress: bool = True, desc: str = "perplexity") -> float:
+    windows = tokens.numel() // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of "
+                         f"--ppl_seqlen {seqlen}")
+    total_nll, count = 0.0, 0
+    for i in tqdm(range(windows), desc=desc, disable=not progress):
+        ids = tokens[i * seqlen:(i + 1) * seqlen].reshape(1, -1).to(model.device)
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        total_nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += seqlen - 1
+    return float(torch.exp(torch.tensor(total_nll / count)))

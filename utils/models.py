@@ -1,0 +1,133 @@
+"""Loading causal LMs (hub, local folder, or the offline SmolLM2 GGUF) and declarative model adapters.
+
+An adapter names where things are in a transformers model; it never re-implements a forward pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .assets import asset_path, cache_dir
+
+OFFLINE_MODEL = "smollm2-135m-offline"
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    layers: str = "model.layers"
+    embedding: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    # Linears of a decoder block, grouped by the input they share, in execution order.
+    linear_groups: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+
+
+LLAMA_LIKE = ModelAdapter()
+# model_type (from the HF config) -> adapter. Qwen2's q/k/v biases need no special handling.
+ADAPTERS = {"llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "qwen3": LLAMA_LIKE}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def adapter_for(model) -> ModelAdapter:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedModel(f"no adapter for model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))} "
+                               "(add a ModelAdapter entry in utils/models.py)")
+    return ADAPTERS[model_type]
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module):
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def untie_embeddings(model, adapter: ModelAdapter):
+    """Give lm_head its own weight so the table (E bits) and lm_head (W bits) are independent."""
+    head, table = get_module(model, adapter.lm_head), get_module(model, adapter.embedding)
+    if head.weight is table.weight or head.weight.data_ptr() == table.weight.data_ptr():
+        head.weight = nn.Parameter(table.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+
+
+# ----- loading -----
+def parse_model_args(model_args: str) -> dict:
+    """'pretrained=x,use_accelerate=True,dtype=float16' -> dict (lm-eval's key=value syntax)."""
+    args = {}
+    for item in filter(None, (s.strip() for s in (model_args or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"--model_args item {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        args[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return args
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelerate: bool = False):
+    """(model, tokenizer). `name` is a hub id, a local folder, or OFFLINE_MODEL."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == OFFLINE_MODEL:
+        name = offline_smollm2_folder()
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    kwargs = {"dtype": torch_dtype}
+    if use_accelerate:
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as error:
+        raise FileNotFoundError(f"cannot load model {name!r}: {str(error).splitlines()[0]} "
+                                f"(offline, use pretrained={OFFLINE_MODEL})") from None
+    if not use_accelerate:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    model.name_or_path = name
+    return model, tokenizer
+
+
+def offline_smollm2_folder() -> str:
+    """Convert the GGUF SmolLM2 into a normal HF folder once (fp32 dequantized weights) and cache it."""
+    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").exists():
+        return str(folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = asset_path("smollm2-gguf")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = source.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(source.state_dict())
+    model.tie_weights()
+    partial = folder.with_name(folder.name + ".part")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, folder)
+    return str(folder)
+
+
+def model_fingerprint(model) -> dict:
+    """Identity of a model for parameter files: shapes hash plus per-tensor means of the 1-D weights
+    (norm gains), which tell apart same-shaped checkpoints and survive a change of dtype."""
+    shapes = sorted((n, tuple(p.shape)) for n, p in model.named_parameters())
+    shape_hash = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+    means = [round(p.detach().float().mean().item(), 4) for _, p in sorted(model.named_parameters()) if p.dim() == 1]
+    return {"model_type": model.config.model_type, "shapes": shape_hash, "norm_means": means[:64]}
