@@ -125,9 +125,10 @@ def offline_smollm2_folder() -> str:
 
 
 def model_fingerprint(model) -> dict:
-    """Identity of a model for parameter files: shapes hash plus per-tensor means of the 1-D weights
-    (norm gains), which tell apart same-shaped checkpoints and survive a change of dtype."""
-    shapes = sorted((n, tuple(p.shape)) for n, p in model.named_parameters())
-    shape_hash = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
-    means = [round(p.detach().float().mean().item(), 4) for _, p in sorted(model.named_parameters()) if p.dim() == 1]
-    return {"model_type": model.config.model_type, "shapes": shape_hash, "norm_means": means[:64]}
+    """Identity of a model for parameter files: a hash of its parameter shapes plus a content signature
+    (mean |value| of the first 4096 entries of each parameter), which tells apart same-shaped checkpoints
+    and survives a change of dtype."""
+    named = sorted(model.named_parameters())
+    shape_hash = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in named]).encode()).hexdigest()[:16]
+    signature = [float(f"{p.detach().flatten()[:4096].float().abs().mean().item():.4g}") for _, p in named]
+    return {"model_type": model.config.model_type, "shapes": shape_hash, "signature": signature}

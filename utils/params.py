@@ -54,7 +54,7 @@ def save_params(path: str | Path, model, config: QuantConfig, model_name: str, e
             old = read_metadata(path)
         except ParamFileError:
             old = {}
-        if old.get("fingerprint") != fingerprint:
+        if "fingerprint" in old and not _same_model(old["fingerprint"], fingerprint):
             raise ParamFileError(f"{path} holds parameters of another model ({old.get('model')}); "
                                  "choose another --ptq_param_path")
     modules, tensors = {}, {}
@@ -124,8 +124,8 @@ def load_params(path: str | Path, model, config: QuantConfig, check_model: bool 
 def _same_model(saved: dict, current: dict) -> bool:
     if saved["model_type"] != current["model_type"] or saved["shapes"] != current["shapes"]:
         return False
-    a, b = torch.tensor(saved["norm_means"]), torch.tensor(current["norm_means"])
-    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=2e-4)
+    a, b = torch.tensor(saved["signature"]), torch.tensor(current["signature"])
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=1e-6)
 
 
 def load_reference_pt(path: Path, model, config: QuantConfig):

@@ -1,0 +1,119 @@
+"""Calibration and inference cost, with ratios against baselines measured in the same run.
+
+Parts (each in its own process so peak memory is its own):
+  smollm2       full FPQ calibration of the offline SmolLM2-135M: seconds per block, total, peak memory
+  llama7b_block one randomly initialised LLaMA-7B-shaped block (hidden 4096, intermediate 11008)
+  forward       forward time of the fake-quantized SmolLM2 relative to full precision
+
+python benchmarks/calibration.py [--parts smollm2 llama7b_block forward] [--calib 32x512] [--n 100]
+Results: benchmarks/results/calibration.json and a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def fpq_config(args):
+    from configs import load_config
+    config = load_config("FPQ_config_llama")
+    return replace(config, search=replace(config.search, n_candidates=args.n, rounds=args.rounds,
+                                          strategy=args.strategy, act_search_tokens=args.act_search_tokens))
+
+
+def part_smollm2(args) -> dict:
+    from utils.calibrate import quantize
+    from utils.data import calibration_samples
+    from utils.models import OFFLINE_MODEL, load_model
+    model, tokenizer = load_model(OFFLINE_MODEL, "float32", args.device)
+    count, seqlen = (int(v) for v in args.calib.split("x"))
+    calib = calibration_samples(tokenizer, "enwiki", count, seqlen)
+    report = quantize(model, fpq_config(args), calib)
+    return {"seconds": report.seconds, "seconds_per_block": sum(report.block_seconds) / len(report.block_seconds),
+            "peak_memory_mb": report.peak_memory_mb}
+
+
+def part_llama7b_block(args) -> dict:
+    import torch
+    from quant_layers import QuantLinear
+    from utils.calibrate import calibrate_linear, peak_memory_mb
+    torch.manual_seed(0)
+    count, seqlen = (int(v) for v in args.calib.split("x"))
+    tokens = min(count * seqlen, args.block_tokens)
+    config, started = fpq_config(args), time.perf_counter()
+    shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+              "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096)}
+    for name, (inp, out) in shapes.items():
+        x = torch.randn(tokens, inp, device=args.device)
+        x[:, :8] *= 30  # outlier channels
+        layer = QuantLinear(torch.nn.Linear(inp, out, bias=False, device=args.device))
+        calibrate_linear(layer, x, config)
+        del x, layer
+    return {"tokens": tokens, "seconds": time.perf_counter() - started,
+            "peak_memory_mb": peak_memory_mb(torch.device(args.device))}
+
+
+def part_forward(args) -> dict:
+    import torch
+    from utils.calibrate import quantize, set_quantized
+    from utils.data import calibration_samples
+    from utils.models import OFFLINE_MODEL, load_model
+    model, tokenizer = load_model(OFFLINE_MODEL, "float32", args.device)
+    calib = calibration_samples(tokenizer, "enwiki", 2, 64)
+    quick = replace(fpq_config(args), search=replace(fpq_config(args).search, n_candidates=4, rounds=1))
+    quantize(model, quick, calib, progress=False)
+    ids = calibration_samples(tokenizer, "enwiki", 4, 512, seed=1).to(args.device)
+
+    def timed(quantized):
+        set_quantized(model, quantized)
+        with torch.no_grad():
+            model(ids[:1])
+            started = time.perf_counter()
+            for _ in range(3):
+                model(ids)
+        return (time.perf_counter() - started) / 3
+
+    fp, fq = timed(False), timed(True)
+    return {"fp_seconds": fp, "fake_quant_seconds": fq, "ratio": fq / fp}
+
+
+PARTS = {"smollm2": part_smollm2, "llama7b_block": part_llama7b_block, "forward": part_forward}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
+    p.add_argument("--calib", default="32x512")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--strategy", default="coarse", choices=["full", "coarse"])
+    p.add_argument("--act_search_tokens", type=int, default=2048)
+    p.add_argument("--block_tokens", type=int, default=2048, help="calibration tokens of the 7B-shaped block")
+    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:  # child process: run one part, print its JSON
+        print(json.dumps(PARTS[args.one](args)))
+        return
+    results = {"settings": vars(args)}
+    for part in args.parts:
+        cmd = [sys.executable, __file__, "--one", part] + [a for a in sys.argv[1:] if a != "--parts"
+                                                          and a not in PARTS]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        results[part] = json.loads(out)
+        print(part, json.dumps(results[part]))
+    folder = ROOT / "benchmarks" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "calibration.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+import main
+
+
+def run_cli(capsys, *args):
+    code = main.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("qbits, message", [
+    (["4", "4", "4", "4", "2", "2"], "W exponent bits must be in 1..3"),
+    (["1", "4", "4", "2", "2", "2"], "W bits must be in 2..16"),
+    (["4", "4", "4", "2", "2", "0"], "E exponent bits must be in 1..3"),
+])
+def test_invalid_qbits_is_one_clear_line(capsys, qbits, message):
+    code, _, err = run_cli(capsys, "--qbits", *qbits)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_config_lists_the_choices(capsys):
+    code, _, err = run_cli(capsys, "--quant_config", "FPT_config_llama")
+    assert code == 2 and "FPQ_config_llama" in err
+
+
+def test_cuda_requested_without_cuda_fails_clearly(capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli(capsys, "--device", "cuda")
+    assert code == 2 and "--device cpu" in err
+
+
+def test_search_interval_count_must_be_whole(capsys):
+    code, _, err = run_cli(capsys, "--search_intervals", "0.01", "1.2", "10.5")
+    assert code == 2 and "whole number" in err
+
+
+def test_reference_script_flags_are_accepted():
+    args = main.build_parser().parse_args(
+        "--model hf-causal-experimental --model_args pretrained=huggyllama/llama-7b,use_accelerate=True "
+        "--tasks arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande --device cuda "
+        "--batch_size auto --no_cache --num_fewshot 0 --quant_config FPQ_config_llama --qbits 4 4 4 2 2 2 "
+        "--calib_size 32 --search_round 3 --search_intervals 0.01 1.2 100 --only_eval "
+        "--ptq_param_path ./search_result/x.pt".split())
+    config = main.make_config(args)
+    assert config.qbits == [4, 4, 4, 2, 2, 2] and config.search.n_candidates == 100 and args.only_eval
+
+
+def test_results_of_another_model_are_not_overwritten(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"model": "huggyllama/llama-7b"}))
+    args = main.build_parser().parse_args(["--output_path", str(tmp_path)])
+    with pytest.raises(ValueError, match="another model"):
+        main.output_folder(args, "smollm2-135m-offline")
