@@ -15,8 +15,8 @@ from pathlib import Path
 
 EMBEDDED_DEFAULT = ["--model_args", "pretrained=smollm2-135m-offline", "--quant_config", "FPQ_config_llama",
                     "--qbits", "4", "4", "4", "2", "2", "2", "--calib_dataset", "enwiki", "--calib_size", "32",
-                    "--calib_seqlen", "512", "--search_strategy", "coarse", "--act_search_tokens", "2048",
-                    "--eval_ppl", "enwiki-heldout", "abcnews", "--ppl_seqlen", "512", "--limit", "64",
+                    "--calib_seqlen", "512", "--search_strategy", "coarse", "--act_search_tokens", "512",
+                    "--eval_ppl", "enwiki-heldout", "abcnews", "--ppl_seqlen", "512", "--limit", "40",
                     "--output_path", "results/default"]
 
 

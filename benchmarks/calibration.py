@@ -44,21 +44,25 @@ def part_smollm2(args) -> dict:
 def part_llama7b_block(args) -> dict:
     import torch
     from quant_layers import QuantLinear
-    from utils.calibrate import calibrate_linear, peak_memory_mb
+    from utils.calibrate import PeakMemory, calibrate_linear
     torch.manual_seed(0)
     count, seqlen = (int(v) for v in args.calib.split("x"))
     tokens = min(count * seqlen, args.block_tokens)
     config, started = fpq_config(args), time.perf_counter()
     shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
               "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096)}
-    for name, (inp, out) in shapes.items():
-        x = torch.randn(tokens, inp, device=args.device)
-        x[:, :8] *= 30  # outlier channels
-        layer = QuantLinear(torch.nn.Linear(inp, out, bias=False, device=args.device))
-        calibrate_linear(layer, x, config)
-        del x, layer
-    return {"tokens": tokens, "seconds": time.perf_counter() - started,
-            "peak_memory_mb": peak_memory_mb(torch.device(args.device))}
+    seconds = {}
+    with PeakMemory(torch.device(args.device)) as memory:
+        for name, (inp, out) in shapes.items():
+            layer_start = time.perf_counter()
+            x = torch.randn(tokens, inp, device=args.device)
+            x[:, :8] *= 30  # outlier channels
+            layer = QuantLinear(torch.nn.Linear(inp, out, bias=False, device=args.device))
+            calibrate_linear(layer, x, config)
+            del x, layer
+            seconds[name] = time.perf_counter() - layer_start
+    return {"tokens": tokens, "seconds": time.perf_counter() - started, "seconds_per_linear": seconds,
+            "peak_memory_mb": memory.peak_mb}
 
 
 def part_forward(args) -> dict:

@@ -71,10 +71,11 @@ def fp_quantize(x: torch.Tensor, fmt: FPFormat, bias) -> torch.Tensor:
     dtype = _compute_dtype(x)
     bias = bias.to(dtype) if torch.is_tensor(bias) else torch.tensor(bias, dtype=dtype, device=x.device)
     maxval = fmt.maxval(bias)
-    x = torch.maximum(torch.minimum(x.to(dtype), maxval), -maxval)
-    exponent = torch.floor(torch.log2(x.abs()) + bias).clamp_min(1)  # log2(0) = -inf -> subnormal binade
-    step = torch.exp2(exponent - (fmt.mantissa_bits + bias))
-    return torch.round(x / step) * step
+    clipped = torch.clamp(x.to(dtype), -maxval, maxval)  # a new tensor: the ops below work in place on it
+    # exponent floor(log2|x| + bias), at least 1 (log2(0) = -inf lands in the subnormal binade), then the
+    # step 2^(exponent - M - bias) of that binade
+    step = clipped.abs().log2_().add_(bias).floor_().clamp_min_(1).sub_(bias + fmt.mantissa_bits).exp2_()
+    return clipped.div_(step).round_().mul_(step)
 
 
 def fp_grid(fmt: FPFormat, bias: float = 0.0) -> torch.Tensor:

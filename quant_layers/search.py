@@ -209,7 +209,8 @@ class LinearSearch:
     def _act_grams(self, act: ActState):
         key = act.key()
         if key not in self._gram_cache:
-            self._gram_cache.clear()  # only the current activation state is ever reused
+            while len(self._gram_cache) >= 2:  # format selection compares two states; older ones are not reused
+                self._gram_cache.pop(next(iter(self._gram_cache)))
             quant = lambda x: self.quantize_inputs(x, act)  # noqa: E731
             gq = self._gram(quant, quant)
             gqx = self._gram(quant, lambda x: x)
