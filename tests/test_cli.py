@@ -54,3 +54,31 @@ def test_results_of_another_model_are_not_overwritten(tmp_path):
     args = main.build_parser().parse_args(["--output_path", str(tmp_path)])
     with pytest.raises(ValueError, match="another model"):
         main.output_folder(args, "smollm2-135m-offline")
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_offline(*args, timeout=120):
+    import os
+    import subprocess
+    import sys
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "main.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **OFFLINE}, cwd=root)
+
+
+def test_hub_model_offline_fails_at_once_with_the_fix():
+    result = run_offline("--model_args", "pretrained=huggyllama/llama-7b", "--device", "cpu")
+    assert result.returncode == 2 and "pretrained=smollm2-135m-offline" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_hub_dataset_offline_fails_at_once_with_the_fix():
+    result = run_offline("--calib_dataset", "c4", "--device", "cpu")
+    assert result.returncode == 2 and "enwiki" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_parameter_file_for_only_eval(tmp_path):
+    result = run_offline("--only_eval", "--ptq_param_path", str(tmp_path / "none.safetensors"), "--device", "cpu")
+    assert result.returncode == 2 and "does not exist" in result.stderr
