@@ -139,7 +139,10 @@ class LinearSearch:
         self.inputs = inputs
         self.channel_absmax = absmax(inputs, "channel").to(self.device)
         self.tensor_absmax = self.channel_absmax.max()
-        self.gram = self._gram(lambda x: x, lambda x: x)  # X'X
+        # With fewer tokens than input features the errors are cheaper to compute directly than through
+        # in x in Gram matrices (e.g. a 7B block calibrated on few tokens).
+        self.direct = inputs.shape[0] < self.weight.shape[1]
+        self.gram = None if self.direct else self._gram(lambda x: x, lambda x: x)  # X'X
         self.sample = self._token_sample(settings.act_search_tokens)
         self.sample_out = self.sample @ self.weight.T
         self.gammas = settings.gammas().to(self.device)
@@ -211,16 +214,29 @@ class LinearSearch:
         if key not in self._gram_cache:
             while len(self._gram_cache) >= 2:  # format selection compares two states; older ones are not reused
                 self._gram_cache.pop(next(iter(self._gram_cache)))
-            quant = lambda x: self.quantize_inputs(x, act)  # noqa: E731
-            gq = self._gram(quant, quant)
-            gqx = self._gram(quant, lambda x: x)
-            self._gram_cache[key] = (gq, self.weight @ gqx.T, ((self.weight @ self.gram) * self.weight).sum(-1))
+            if self.direct:  # (Xq, X W') as they are
+                x = self.inputs.to(self.device, torch.float32)
+                self._gram_cache[key] = (self.quantize_inputs(x, act), (x @ self.weight.T).T.contiguous())
+            else:
+                quant = lambda x: self.quantize_inputs(x, act)  # noqa: E731
+                gq = self._gram(quant, quant)
+                gqx = self._gram(quant, lambda x: x)
+                const = ((self.weight @ self.gram) * self.weight).sum(-1)
+                self._gram_cache[key] = (gq, self.weight @ gqx.T, const)
         return self._gram_cache[key]
 
     def row_losses(self, q: torch.Tensor, act: ActState, rows=slice(None)) -> torch.Tensor:
         """||X w_r - Xq q_r||^2 per row for effective weights q [..., out, in] of the rows `rows`."""
+        if self.direct:
+            xq, out_t = self._act_grams(act)
+            return (q @ xq.T).sub_(out_t[rows]).pow_(2).sum(-1)
         gq, cross, const = self._act_grams(act)
         return (((q @ gq) * q).sum(-1) - 2 * (q * cross[rows]).sum(-1) + const[rows]).clamp_min(0)
+
+    @property
+    def row_cost(self) -> int:
+        """Elements one candidate row occupies while its loss is computed."""
+        return max(self.weight.shape[1], self.inputs.shape[0] if self.direct else 0)
 
     def layer_loss(self, weight: WeightState, act: ActState) -> float:
         q = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
@@ -239,9 +255,9 @@ class LinearSearch:
     # ----- the four steps -----
     def search_weight_bias(self, fmt: FPFormat, act: ActState) -> tuple[WeightState, float]:
         shift = self.shift_of(act)
-        out_features, in_features = self.weight.shape
+        out_features = self.weight.shape[0]
         loss_fn = lambda g, rows: self.row_losses(self.effective_weight(fmt, g, shift, rows), act, rows)  # noqa: E731
-        gamma, loss = grid_argmin(loss_fn, self.gammas, out_features, self.settings.strategy, in_features,
+        gamma, loss = grid_argmin(loss_fn, self.gammas, out_features, self.settings.strategy, self.row_cost,
                                   self._budget())
         return WeightState(fmt, gamma), loss.sum().item()
 

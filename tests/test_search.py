@@ -26,9 +26,10 @@ def test_gamma_grids():
     assert paper.numel() == 102 and (paper == 1.0).any() and paper.max().item() == pytest.approx(1.2)
 
 
+@pytest.mark.parametrize("tokens", [600, 20])  # Gram form (tokens > in) and direct form (tokens < in)
 @pytest.mark.parametrize("per_channel, folded", [(False, False), (True, False), (True, True)])
-def test_gram_row_losses_equal_direct_computation(per_channel, folded):
-    w, x = layer_data()
+def test_row_losses_equal_direct_computation(per_channel, folded, tokens):
+    w, x = layer_data(tokens=tokens)
     search = LinearSearch(w, x, SearchSettings(n_candidates=8), per_channel=per_channel, folded=folded)
     act = ActState(FPFormat(2, 1), 0.9)
     weight = WeightState(FPFormat(2, 1), torch.full((w.shape[0],), 0.95))
