@@ -183,15 +183,20 @@ class LinearSearch:
         return self.act_bias(state.fmt, torch.tensor([state.gamma], device=self.device))[1][0]
 
     # ----- weights -----
-    def effective_weight(self, fmt: FPFormat, gamma: torch.Tensor, shift=None, rows=slice(None)) -> torch.Tensor:
-        """Q(W 2^-k; gamma * b_init) 2^k for gamma [..., out] and shift k [..., in] (or None)."""
-        weight = self.weight[rows]
+    def shifted_weight(self, fmt: FPFormat, shift=None):
+        """(W 2^-k, the per-row MinMax bias of that matrix in `fmt`) for shift k [..., in] or None."""
+        w = self.weight if shift is None else self.weight * torch.exp2(-shift)[..., None, :]
+        return w, fmt.bias_for_maxval(w.abs().amax(-1))
+
+    def effective_weight(self, fmt: FPFormat, gamma: torch.Tensor, shift=None, rows=slice(None),
+                         shifted=None) -> torch.Tensor:
+        """Q(W 2^-k; gamma * b_init) 2^k for gamma [..., out] and shift k [..., in] (or None).
+        `shifted` is shifted_weight(fmt, shift) when the caller already has it."""
         if fmt is None:
-            return weight
-        w = weight if shift is None else weight * torch.exp2(-shift)[..., None, :]
-        bias = gamma[..., None] * fmt.bias_for_maxval(w.abs().amax(-1))[..., None]
-        q = fp_quantize(w, fmt, bias)
-        return q if shift is None else q * torch.exp2(shift)[..., None, :]
+            return self.weight[rows]
+        w, b_init = shifted or self.shifted_weight(fmt, shift)
+        q = fp_quantize(w[..., rows, :], fmt, gamma[..., None] * b_init[..., rows, None])
+        return q if shift is None else q.mul_(torch.exp2(shift)[..., None, :])
 
     def weight_bias(self, state: WeightState, act: ActState) -> torch.Tensor:
         shift = self.shift_of(act)
@@ -222,7 +227,7 @@ class LinearSearch:
                 gq = self._gram(quant, quant)
                 gqx = self._gram(quant, lambda x: x)
                 const = ((self.weight @ self.gram) * self.weight).sum(-1)
-                self._gram_cache[key] = (gq, self.weight @ gqx.T, const)
+                self._gram_cache[key] = (gq, 2 * self.weight @ gqx.T, const)
         return self._gram_cache[key]
 
     def row_losses(self, q: torch.Tensor, act: ActState, rows=slice(None)) -> torch.Tensor:
@@ -230,8 +235,8 @@ class LinearSearch:
         if self.direct:
             xq, out_t = self._act_grams(act)
             return (q @ xq.T).sub_(out_t[rows]).pow_(2).sum(-1)
-        gq, cross, const = self._act_grams(act)
-        return (((q @ gq) * q).sum(-1) - 2 * (q * cross[rows]).sum(-1) + const[rows]).clamp_min(0)
+        gq, cross2, const = self._act_grams(act)  # q'Gq - 2 q'c + const = q'(Gq - 2c) + const
+        return (q @ gq).sub_(cross2[rows]).mul_(q).sum(-1).add_(const[rows]).clamp_min(0)
 
     @property
     def row_cost(self) -> int:
@@ -256,7 +261,8 @@ class LinearSearch:
     def search_weight_bias(self, fmt: FPFormat, act: ActState) -> tuple[WeightState, float]:
         shift = self.shift_of(act)
         out_features = self.weight.shape[0]
-        loss_fn = lambda g, rows: self.row_losses(self.effective_weight(fmt, g, shift, rows), act, rows)  # noqa: E731
+        shifted = self.shifted_weight(fmt, shift)
+        loss_fn = lambda g, rows: self.row_losses(self.effective_weight(fmt, g, shift, rows, shifted), act, rows)  # noqa: E731,E501
         gamma, loss = grid_argmin(loss_fn, self.gammas, out_features, self.settings.strategy, self.row_cost,
                                   self._budget())
         return WeightState(fmt, gamma), loss.sum().item()
