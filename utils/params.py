@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from configs import QuantConfig
-from quant_layers import FPFormat, FPQuantizer, QuantEmbedding, QuantLinear
+from quant_layers import FPFormat, FPQuantizer, QuantEmbedding
 from quant_layers.quantizers import quantizer_from_state, quantizer_to_state
 
 from .calibrate import quant_modules
