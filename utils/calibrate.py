@@ -170,7 +170,9 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
 
     table = get_module(model, adapter.embedding)
     if isinstance(table, QuantEmbedding):
-        calibrate_embedding(table, config)
+        with tqdm(total=1, desc=f"calibrating embedding ({table.num_embeddings} rows)", disable=not progress) as bar:
+            calibrate_embedding(table, config)
+            bar.update()
         table.quantize = False  # blocks are calibrated on full-precision inputs
 
     hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, batch_size)
@@ -194,8 +196,10 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
 
     head = get_module(model, adapter.lm_head)
     if isinstance(head, QuantLinear):
-        normed = get_module(model, adapter.final_norm)(hidden)
-        report.layers[adapter.lm_head] = calibrate_linear(head, normed.reshape(-1, normed.shape[-1]), config)
+        with tqdm(total=1, desc="calibrating lm_head", disable=not progress) as bar:
+            normed = get_module(model, adapter.final_norm)(hidden)
+            report.layers[adapter.lm_head] = calibrate_linear(head, normed.reshape(-1, normed.shape[-1]), config)
+            bar.update()
     set_quantized(model, True)
 
 
