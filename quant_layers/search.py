@@ -199,9 +199,8 @@ class LinearSearch:
         return q if shift is None else q.mul_(torch.exp2(shift)[..., None, :])
 
     def weight_bias(self, state: WeightState, act: ActState) -> torch.Tensor:
-        shift = self.shift_of(act)
-        w = self.weight if shift is None else self.weight * torch.exp2(-shift)
-        return (state.gamma * state.fmt.bias_for_maxval(w.abs().amax(-1)))[:, None]
+        _, b_init = self.shifted_weight(state.fmt, self.shift_of(act))
+        return (state.gamma * b_init)[:, None]
 
     # ----- losses -----
     def _gram(self, left, right):

@@ -37,9 +37,8 @@ class _StopForward(Exception):
 
 def quantized_linear_paths(model, adapter: ModelAdapter) -> list[str]:
     blocks = get_module(model, adapter.layers)
-    paths = [f"{adapter.layers}.{i}.{name}" for i in range(len(blocks))
-             for group in adapter.linear_groups for name in group]
-    return paths
+    return [f"{adapter.layers}.{i}.{name}" for i in range(len(blocks))
+            for group in adapter.linear_groups for name in group]
 
 
 def prepare_model(model, config: QuantConfig, adapter: ModelAdapter | None = None) -> ModelAdapter:
