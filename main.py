@@ -118,7 +118,7 @@ def output_folder(args, model_name):
 def run(args) -> dict:
     import torch
     from utils import data, evaluation, models, params
-    from utils.calibrate import prepare_model, quantize
+    from utils.calibrate import prepare_model, quantize, release_originals
     from utils.report import format_table, write_results
 
     model_args = models.parse_model_args(args.model_args)
@@ -142,14 +142,15 @@ def run(args) -> dict:
         path = Path(args.ptq_param_path or params.default_path("search_result", config, name, fingerprint, calib_tag))
         if args.only_eval:
             params.load_params(path, model, config)
+            release_originals(model)
             print(f"loaded quantization parameters from {path}")
         else:
             calib = data.calibration_samples(tokenizer, args.calib_dataset, args.calib_size, args.calib_seqlen,
                                              args.seed)
-            report = quantize(model, config, calib, adapter)
+            report = quantize(model, config, calib, adapter, release_originals=True)
             params.save_params(path, model, config, name, {"calibration": {
                 "dataset": args.calib_dataset, "size": args.calib_size, "seqlen": args.calib_seqlen,
-                "seed": args.seed}})
+                "seed": args.seed}}, fingerprint=fingerprint)
             print(f"saved quantization parameters to {path}")
             result["calibration"] = report.to_dict()
         result["param_path"] = str(path)

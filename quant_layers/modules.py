@@ -1,7 +1,8 @@
 """Wrapped modules that fake-quantize a linear layer (weight and input) or an embedding table.
 
 The quantized weight is computed once by `freeze()` after calibration and cached, so a forward pass
-costs one activation quantization plus the original matmul.
+costs one activation quantization plus the original matmul. `release_original()` then drops the
+full-precision weight, so a quantized model holds one copy of its weights instead of two.
 """
 from __future__ import annotations
 
@@ -10,7 +11,40 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class QuantLinear(nn.Module):
+class _FrozenWeight(nn.Module):
+    """Caching of the quantized weight, shared by the linear and the embedding wrappers."""
+
+    released = False
+
+    def shifted_weight(self) -> torch.Tensor:
+        return self.weight.detach().float()
+
+    def freeze(self):
+        """Cache Q_w(W) in the weight's dtype and switch to quantized forward."""
+        if self.released:
+            raise RuntimeError("the full-precision weight was released; reload the model to quantize it again")
+        w = self.shifted_weight()
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer(w)
+        self.quantized_weight = w.to(self.weight.dtype)
+        self.quantize = True
+
+    def release_original(self):
+        """Replace the full-precision weight by the cached quantized one (which stays its own buffer),
+        freeing one copy; the module can then only run quantized."""
+        if self.quantized_weight is None:
+            raise RuntimeError("freeze() the module before releasing its full-precision weight")
+        self.weight = nn.Parameter(self.quantized_weight, requires_grad=False)
+        self.released = True
+
+    def full_precision_weight(self) -> torch.Tensor:
+        if self.released:
+            raise RuntimeError("this model was quantized with its full-precision weights released "
+                               "(release_originals=True); load it again to run it in full precision")
+        return self.weight
+
+
+class QuantLinear(_FrozenWeight):
     """y = Q_a(x * 2^shift) @ Q_w(W * 2^-shift)^T + b.
 
     `input_shift` holds the integer per-input-channel exponent offsets of the *folded* pre-shifted bias
@@ -33,17 +67,9 @@ class QuantLinear(nn.Module):
         w = self.weight.detach().float()
         return w if self.input_shift is None else w * torch.exp2(-self.input_shift)
 
-    def freeze(self):
-        """Cache Q_w(W) in the weight's dtype and switch to quantized forward."""
-        w = self.shifted_weight()
-        if self.weight_quantizer is not None:
-            w = self.weight_quantizer(w)
-        self.quantized_weight = w.to(self.weight.dtype)
-        self.quantize = True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.full_precision_weight(), self.bias)
         if self.input_shift is not None:
             x = x * torch.exp2(self.input_shift).to(x.dtype)
         if self.act_quantizer is not None:
@@ -54,7 +80,7 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, quantize={self.quantize}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_FrozenWeight):
     """An embedding lookup into a fake-quantized copy of the table."""
 
     def __init__(self, embedding: nn.Embedding):
@@ -66,13 +92,6 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("quantized_weight", None, persistent=False)
         self.quantize = False
 
-    def freeze(self):
-        w = self.weight.detach().float()
-        if self.weight_quantizer is not None:
-            w = self.weight_quantizer(w)
-        self.quantized_weight = w.to(self.weight.dtype)
-        self.quantize = True
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.quantized_weight if self.quantize else self.weight
+        table = self.quantized_weight if self.quantize else self.full_precision_weight()
         return F.embedding(ids, table, self.padding_idx)

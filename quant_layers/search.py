@@ -66,41 +66,62 @@ class SearchSettings:
 
 
 def grid_argmin(loss_fn, gammas: torch.Tensor, rows: int, strategy: str, elements_per_row: int,
-                budget_elements: int):
+                budget_elements: int, start: torch.Tensor | None = None):
     """Minimise loss_fn over the grid, independently per row.
 
     loss_fn(g, rows) takes candidate multipliers g [C, len(rows)] for the row slice `rows` and returns
     losses [C, len(rows)]. Work is split into blocks of rows x candidates of about `budget_elements`
     elements, small enough to stay in cache instead of allocating huge temporaries.
-    Returns (best gamma [rows], best loss [rows]).
+
+    "full" evaluates every grid point. "coarse" evaluates every s0-th point (and the ends and gamma = 1),
+    then the points at stride s1 < s0 within s0 of the best so far, and so on down to stride 1: about
+    2 (s0 + n / s0) evaluations instead of n for a loss that is unimodal at the coarse scale. With `start`
+    (grid indices [rows], e.g. the previous round's result) the coarse pass is replaced by that point.
+    Returns (best grid index [rows], best loss [rows]).
     """
-    n = gammas.numel()
+    n, device = gammas.numel(), gammas.device
     row_block = max(1, min(rows, budget_elements // max(1, elements_per_row)))
     chunk = max(1, budget_elements // (row_block * elements_per_row))
-    best_gamma, best_loss = [], []
-    for start in range(0, rows, row_block):
-        block = slice(start, min(rows, start + row_block))
+    best_index, best_loss = [], []
+    for first in range(0, rows, row_block):
+        block = slice(first, min(rows, first + row_block))
         count = block.stop - block.start
+        cols = torch.arange(count, device=device)
 
         def evaluate(index):  # index [C, count] into gammas
-            return torch.cat([loss_fn(gammas[index[i:i + chunk]], block) for i in range(0, index.shape[0], chunk)])
+            losses = torch.cat([loss_fn(gammas[index[i:i + chunk]], block) for i in range(0, index.shape[0], chunk)])
+            pick = losses.argmin(0)
+            return index[pick, cols], losses[pick, cols]
 
         if strategy == "full" or n <= 9:
-            index = torch.arange(n, device=gammas.device)[:, None].expand(n, count)
+            index, loss = evaluate(torch.arange(n, device=device)[:, None].expand(n, count))
         else:
-            step = max(2, round(math.sqrt(n)))
-            coarse = torch.cat([torch.arange(0, n, step, device=gammas.device),
-                                torch.tensor([n - 1], device=gammas.device),
-                                torch.argmin((gammas - 1).abs()).reshape(1)]).unique()
-            center = coarse[evaluate(coarse[:, None].expand(-1, count)).argmin(0)]
-            offsets = torch.arange(-step + 1, step, device=gammas.device)
-            index = (center[None, :] + offsets[:, None]).clamp(0, n - 1)
-        losses = evaluate(index)
-        best = losses.argmin(0)
-        cols = torch.arange(count, device=gammas.device)
-        best_gamma.append(gammas[index[best, cols]])
-        best_loss.append(losses[best, cols])
-    return torch.cat(best_gamma), torch.cat(best_loss)
+            strides = _strides(n)
+            if start is None:
+                coarse = torch.cat([torch.arange(0, n, strides[0], device=device), torch.tensor([n - 1], device=device),
+                                    torch.argmin((gammas - 1).abs()).reshape(1)]).unique()
+                index, loss = evaluate(coarse[:, None].expand(-1, count))
+            else:
+                index, loss = evaluate(start[block].to(device)[None, :])
+            for wider, stride in zip(strides, strides[1:]):
+                reach = (wider - 1) // stride * stride
+                offsets = torch.cat([torch.arange(-reach, 0, stride, device=device),
+                                     torch.arange(stride, reach + 1, stride, device=device)])
+                near_index, near_loss = evaluate((index[None, :] + offsets[:, None]).clamp(0, n - 1))
+                better = near_loss < loss
+                index, loss = torch.where(better, near_index, index), torch.where(better, near_loss, loss)
+        best_index.append(index)
+        best_loss.append(loss)
+    return torch.cat(best_index), torch.cat(best_loss)
+
+
+def _strides(n: int) -> list[int]:
+    """Strides of the coarse strategy, coarsest first, each about the square root of the one before
+    (times the next): n = 101 gives [10, 3, 1]."""
+    strides = [max(2, round(math.sqrt(n)))]
+    while strides[-1] > 1:
+        strides.append(max(1, round(math.sqrt(strides[-1]))))
+    return strides
 
 
 @dataclass(frozen=True)
@@ -130,23 +151,28 @@ class LinearSearch:
     """
 
     def __init__(self, weight: torch.Tensor, inputs: torch.Tensor, settings: SearchSettings,
-                 per_channel: bool, folded: bool = False):
+                 per_channel: bool, folded: bool = False, shared: dict | None = None):
         if folded and not per_channel:
             raise ValueError("the folded pre-shifted bias needs per-channel activation biases")
         self.settings, self.per_channel, self.folded = settings, per_channel, folded
         self.weight = weight.detach().float()
         self.device = self.weight.device
         self.inputs = inputs
+        # Layers that read the same inputs (q/k/v, gate/up) pass one `shared` dict: the quantized-input
+        # terms depend on the inputs and the activation state only, so they are computed once for all.
+        self.shared = {} if shared is None else shared
         self.channel_absmax = absmax(inputs, "channel").to(self.device)
         self.tensor_absmax = self.channel_absmax.max()
         # With fewer tokens than input features the errors are cheaper to compute directly than through
         # in x in Gram matrices (e.g. a 7B block calibrated on few tokens).
         self.direct = inputs.shape[0] < self.weight.shape[1]
-        self.gram = None if self.direct else self._gram(lambda x: x, lambda x: x)  # X'X
+        self.output_energy = self._output_energy()
         self.sample = self._token_sample(settings.act_search_tokens)
         self.sample_out = self.sample @ self.weight.T
         self.gammas = settings.gammas().to(self.device)
-        self._gram_cache: dict = {}
+        self._terms_cache: dict = {}
+        # The coarse strategy starts later rounds from each format's previous per-row result.
+        self._last_index: dict = {}
 
     # ----- activations -----
     def _token_sample(self, count):
@@ -203,39 +229,66 @@ class LinearSearch:
         return (state.gamma * b_init)[:, None]
 
     # ----- losses -----
-    def _gram(self, left, right):
-        """sum over token chunks of left(X)' right(X), in float32."""
+    def _accumulate(self, fn):
+        """sum of fn(x) over float32 token chunks x of the inputs (chunks of about `memory_mb`)."""
         in_features = self.weight.shape[1]
-        total = torch.zeros(in_features, in_features, device=self.device)
-        chunk = max(1, (self.settings.memory_mb << 18) // (4 * in_features))
+        chunk = max(1, (self.settings.memory_mb << 18) // (4 * max(in_features, self.weight.shape[0])))
+        total = 0
         for start in range(0, self.inputs.shape[0], chunk):
-            x = self.inputs[start:start + chunk].to(self.device, torch.float32)
-            total += left(x).T @ right(x)
+            total = total + fn(self.inputs[start:start + chunk].to(self.device, torch.float32))
         return total
 
-    def _act_grams(self, act: ActState):
-        key = act.key()
-        if key not in self._gram_cache:
-            while len(self._gram_cache) >= 2:  # format selection compares two states; older ones are not reused
-                self._gram_cache.pop(next(iter(self._gram_cache)))
-            if self.direct:  # (Xq, X W') as they are
-                x = self.inputs.to(self.device, torch.float32)
-                self._gram_cache[key] = (self.quantize_inputs(x, act), (x @ self.weight.T).T.contiguous())
+    def _output_energy(self):
+        """||X w_r||^2 per row, the part of every row loss that no quantizer changes."""
+        (out_features, in_features), tokens = self.weight.shape, self.inputs.shape[0]
+        if in_features * (tokens + out_features) < tokens * out_features:  # wide layers: w'(X'X)w is cheaper
+            gram = self._accumulate(lambda x: x.T @ x)
+            return ((self.weight @ gram) * self.weight).sum(-1)
+        return self._accumulate(lambda x: (x @ self.weight.T).pow_(2).sum(0))
+
+    def _input_term(self, act: ActState):
+        """Xq (direct form) or Xq'Xq (Gram form), from the cache shared by layers with these inputs."""
+        key = ("direct" if self.direct else "gram", self.per_channel, self.settings.shift_rounding, *act.key())
+        if key not in self.shared:
+            while len(self.shared) >= 3:  # MinMax and the states under comparison; older ones are not reused
+                self.shared.pop(next(iter(self.shared)))
+            if self.direct:
+                self.shared[key] = self.quantize_inputs(self.inputs.to(self.device, torch.float32), act)
             else:
+                def gram(x):
+                    xq = self.quantize_inputs(x, act)
+                    return xq.T @ xq
+                self.shared[key] = self._accumulate(gram)
+        return self.shared[key]
+
+    def _act_terms(self, act: ActState):
+        """(Xq, (X W')') in direct form; (Xq'Xq, 2 (Xq' X W')') in Gram form."""
+        key = act.key()
+        if key not in self._terms_cache:
+            while len(self._terms_cache) >= 2:  # format selection compares two states
+                self._terms_cache.pop(next(iter(self._terms_cache)))
+            if self.direct:
+                x = self.inputs.to(self.device, torch.float32)
+                cross = (x @ self.weight.T).T.contiguous()
+            else:
+                out_features, in_features = self.weight.shape
+                tokens = self.inputs.shape[0]
                 quant = lambda x: self.quantize_inputs(x, act)  # noqa: E731
-                gq = self._gram(quant, quant)
-                gqx = self._gram(quant, lambda x: x)
-                const = ((self.weight @ self.gram) * self.weight).sum(-1)
-                self._gram_cache[key] = (gq, 2 * self.weight @ gqx.T, const)
-        return self._gram_cache[key]
+                # Xq'(X W') costs 2 tokens*in*out (outputs recomputed per chunk); (Xq'X) W' tokens*in^2 + out*in^2
+                if 2 * out_features * tokens < (tokens + out_features) * in_features:
+                    cross = 2 * self._accumulate(lambda x: quant(x).T @ (x @ self.weight.T)).T
+                else:
+                    cross = 2 * self.weight @ self._accumulate(lambda x: quant(x).T @ x).T
+            self._terms_cache[key] = (self._input_term(act), cross)
+        return self._terms_cache[key]
 
     def row_losses(self, q: torch.Tensor, act: ActState, rows=slice(None)) -> torch.Tensor:
         """||X w_r - Xq q_r||^2 per row for effective weights q [..., out, in] of the rows `rows`."""
         if self.direct:
-            xq, out_t = self._act_grams(act)
+            xq, out_t = self._act_terms(act)
             return (q @ xq.T).sub_(out_t[rows]).pow_(2).sum(-1)
-        gq, cross2, const = self._act_grams(act)  # q'Gq - 2 q'c + const = q'(Gq - 2c) + const
-        return (q @ gq).sub_(cross2[rows]).mul_(q).sum(-1).add_(const[rows]).clamp_min(0)
+        gq, cross2 = self._act_terms(act)  # q'Gq - 2 q'c + ||Xw||^2 = q'(Gq - 2c) + ||Xw||^2
+        return (q @ gq).sub_(cross2[rows]).mul_(q).sum(-1).add_(self.output_energy[rows]).clamp_min(0)
 
     @property
     def row_cost(self) -> int:
@@ -246,12 +299,27 @@ class LinearSearch:
         q = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
         return self.row_losses(q, act).sum().item()
 
-    def sample_loss(self, weight_fn, fmt: FPFormat, gamma: torch.Tensor) -> torch.Tensor:
-        """Output squared error on the token sample for activation multipliers gamma [C]."""
-        bias, shift = self.act_bias(fmt, gamma)
-        xq = fp_quantize(self.sample, fmt, bias)  # [C, S, in]
-        out = (xq @ weight_fn(shift).transpose(-1, -2)).sub_(self.sample_out)
-        return out.pow_(2).sum((-1, -2))
+    def sample_loss_fn(self, weight: torch.Tensor, fmt: FPFormat, candidates: int):
+        """loss(gamma [C]) -> output squared error on the token sample for activation multipliers gamma,
+        with the effective weight [out, in] held fixed; `candidates` is about how many will be asked."""
+        samples, in_features = self.sample.shape
+        out_features = weight.shape[0]
+
+        def quantized(gamma):
+            return fp_quantize(self.sample, fmt, self.act_bias(fmt, gamma)[0])  # [C, S, in]
+
+        gram_cost = out_features * in_features * (in_features + samples) + candidates * samples * in_features ** 2
+        if gram_cost >= candidates * samples * in_features * out_features:
+            return lambda gamma: (quantized(gamma) @ weight.T).sub_(self.sample_out).pow_(2).sum((-1, -2))
+        # Wide layers (gate/up, lm_head): ||Y - Xq W'||^2 = ||Y||^2 - 2<Xq, Y W> + <Xq W'W, Xq>, which costs
+        # samples * in^2 per candidate instead of samples * in * out.
+        gram, target2 = weight.T @ weight, 2 * self.sample_out @ weight
+        energy = self.sample_out.pow(2).sum()
+
+        def loss(gamma):
+            xq = quantized(gamma)
+            return (xq @ gram).sub_(target2).mul_(xq).sum((-1, -2)).add_(energy).clamp_min(0)
+        return loss
 
     def _budget(self) -> int:
         return budget_elements(self.settings, self.device)
@@ -262,18 +330,21 @@ class LinearSearch:
         out_features = self.weight.shape[0]
         shifted = self.shifted_weight(fmt, shift)
         loss_fn = lambda g, rows: self.row_losses(self.effective_weight(fmt, g, shift, rows, shifted), act, rows)  # noqa: E731,E501
-        gamma, loss = grid_argmin(loss_fn, self.gammas, out_features, self.settings.strategy, self.row_cost,
-                                  self._budget())
-        return WeightState(fmt, gamma), loss.sum().item()
+        index, loss = grid_argmin(loss_fn, self.gammas, out_features, self.settings.strategy, self.row_cost,
+                                  self._budget(), start=self._last_index.get(("w", fmt)))
+        self._last_index[("w", fmt)] = index
+        return WeightState(fmt, self.gammas[index]), loss.sum().item()
 
     def search_act_bias(self, fmt: FPFormat, weight: WeightState, act: ActState) -> ActState:
         # The other operand is held fixed, as in every alternating step: here the current effective
         # weight (in folded form, quantized at the current shifts; the next weight step re-fits it).
         fixed = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
-        size = self.sample.shape[0] * (self.sample.shape[1] + self.weight.shape[0])
-        loss_fn = lambda g, _rows: self.sample_loss(lambda _: fixed, fmt, g[:, 0])[:, None]  # noqa: E731
-        gamma, _ = grid_argmin(loss_fn, self.gammas, 1, self.settings.strategy, size, 4 * self._budget())
-        return ActState(fmt, gamma.item())
+        loss = self.sample_loss_fn(fixed, fmt, candidates=self.gammas.numel())
+        size = self.sample.shape[0] * (self.weight.shape[1] + min(self.weight.shape))
+        index, _ = grid_argmin(lambda g, _rows: loss(g[:, 0])[:, None], self.gammas, 1, self.settings.strategy,
+                               size, 4 * self._budget(), start=self._last_index.get(("a", fmt)))
+        self._last_index[("a", fmt)] = index
+        return ActState(fmt, self.gammas[index].item())
 
     def select_weight(self, candidates, current: WeightState, act: ActState, known_losses: dict):
         options = list(candidates) + ([current] if self.settings.keep_better else [])
@@ -284,9 +355,9 @@ class LinearSearch:
     def select_act(self, candidates, current: ActState, weight: WeightState) -> ActState:
         # Compare the formats on the token sample (as the rho search did), then confirm on every token.
         def sample_loss(act):
-            shift = self.shift_of(act)
-            q = self.effective_weight(weight.fmt, weight.gamma, shift)
-            return self.sample_loss(lambda _: q, act.fmt, torch.tensor([act.gamma], device=self.device)).item()
+            q = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
+            loss = self.sample_loss_fn(q, act.fmt, candidates=1)
+            return loss(torch.tensor([act.gamma], device=self.device)).item()
         best = _pick(candidates, [sample_loss(c) for c in candidates], None)
         if self.settings.keep_better and best.key() != current.key():
             if self.layer_loss(weight, best) >= self.layer_loss(weight, current):
@@ -320,7 +391,7 @@ class LinearSearch:
                     act = self.select_act(a_candidates, act, weight)
                     w_losses = {}  # those losses were measured against the previous activation state
             if (weight.key(), act.key()) == start:
-                break  # a round's result depends only on its starting states: later rounds repeat it
+                break  # converged: with the full grid a round depends only on its starting states
         return weight, act, {"minmax": minmax_loss, "searched": self.layer_loss(weight, act)}
 
     # ----- results as modules -----
@@ -368,10 +439,10 @@ def search_embedding(weight: torch.Tensor, bits: int, settings: SearchSettings) 
             w = weight[rows]
             return (fp_quantize(w, fmt, (g * b_init[rows])[..., None]) - w).pow_(2).sum(-1)
 
-        gamma, loss = grid_argmin(loss_fn, gammas, weight.shape[0], settings.strategy, weight.shape[1],
+        index, loss = grid_argmin(loss_fn, gammas, weight.shape[0], settings.strategy, weight.shape[1],
                                   budget_elements(settings, weight.device))
         if best is None or loss.sum() < best[0]:
-            best = (loss.sum().item(), FPQuantizer(fmt, (gamma * b_init)[:, None]))
+            best = (loss.sum().item(), FPQuantizer(fmt, (gammas[index] * b_init)[:, None]))
     return best[1]
 
 

@@ -6,8 +6,8 @@ from conftest import tiny_llama
 
 from configs import available, load_config
 from quant_layers import QuantEmbedding, QuantLinear
-from utils.calibrate import prepare_model, quant_modules, quantize
-from utils.models import UnsupportedModel, adapter_for
+from utils.calibrate import prepare_model, quant_modules, quantize, set_quantized
+from utils.models import UnsupportedModel, adapter_for, model_fingerprint
 from utils.params import ParamFileError, load_params, save_params
 
 
@@ -54,6 +54,27 @@ def test_save_and_reload_is_bit_identical(tiny_model, calib_ids, tmp_path):
     prepare_model(fresh, config)
     load_params(path, fresh, config)
     assert torch.equal(logits(fresh, calib_ids), logits(tiny_model, calib_ids))
+
+
+def test_released_originals_keep_outputs_and_parameter_files(tiny_model, calib_ids, tmp_path):
+    config = small("FPQ_config_llama")
+    kept = tiny_llama()
+    quantize(kept, config, calib_ids, progress=False)
+    fingerprint = model_fingerprint(tiny_model)
+    quantize(tiny_model, config, calib_ids, progress=False, release_originals=True)
+    assert torch.equal(logits(tiny_model, calib_ids), logits(kept, calib_ids))
+    modules = quant_modules(tiny_model).values()
+    assert all(m.released and m.weight.data_ptr() == m.quantized_weight.data_ptr() for m in modules)
+    with pytest.raises(ValueError, match="take its fingerprint before"):
+        model_fingerprint(tiny_model)
+    set_quantized(tiny_model, False)
+    with pytest.raises(RuntimeError, match="released"):
+        logits(tiny_model, calib_ids)
+    path = save_params(tmp_path / "p.safetensors", tiny_model, config, "tiny", fingerprint=fingerprint)
+    fresh = tiny_llama()
+    prepare_model(fresh, config)
+    load_params(path, fresh, config)
+    assert torch.equal(logits(fresh, calib_ids), logits(kept, calib_ids))
 
 
 def test_param_files_from_other_models_configs_or_corrupt_are_refused(tiny_model, calib_ids, tmp_path):

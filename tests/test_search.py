@@ -92,13 +92,25 @@ def test_weight_only_search_leaves_activations_alone():
     assert act.fmt is None and report["searched"] < report["minmax"]
 
 
-def test_coarse_strategy_finds_the_minimum_of_a_smooth_loss():
+def test_coarse_strategy_finds_the_minimum_of_a_unimodal_loss_with_few_evaluations():
     gammas = SearchSettings(n_candidates=100).gammas()
-    target = torch.tensor([0.3, 0.77, 1.1])
-    loss_fn = lambda g, rows: (g - target[rows]) ** 2  # noqa: E731
-    full, _ = grid_argmin(loss_fn, gammas, 3, "full", 1, 1 << 20)
-    coarse, _ = grid_argmin(loss_fn, gammas, 3, "coarse", 1, 1 << 20)
+    target = torch.rand(40, generator=torch.Generator().manual_seed(0)) * 1.3
+    evaluated = []
+
+    def loss_fn(g, rows):
+        evaluated.append(g.shape[0])
+        return (g - target[rows]).abs().sqrt()  # unimodal, not smooth at the minimum
+    full, _ = grid_argmin(loss_fn, gammas, 40, "full", 1, 1 << 20)
+    evaluated.clear()
+    coarse, _ = grid_argmin(loss_fn, gammas, 40, "coarse", 1, 1 << 20)
     assert torch.equal(full, coarse)
+    assert sum(evaluated) <= 24 < gammas.numel() / 4
+    # a warm start within the coarse stride of the answer refines to it without the coarse pass
+    evaluated.clear()
+    start = (full + torch.randint(-9, 10, (40,), generator=torch.Generator().manual_seed(1))).clamp(0, 101)
+    warm, _ = grid_argmin(loss_fn, gammas, 40, "coarse", 1, 1 << 20, start=start)
+    assert torch.equal(full, warm)
+    assert sum(evaluated) <= 11
 
 
 def test_quantize_helpers_handle_dead_channels():

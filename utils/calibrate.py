@@ -65,6 +65,13 @@ def set_quantized(model, enabled: bool):
         module.quantize = enabled and module.quantized_weight is not None
 
 
+def release_originals(model):
+    """Drop the full-precision weight of every frozen wrapper (see QuantLinear.release_original)."""
+    for module in quant_modules(model).values():
+        if module.quantized_weight is not None:
+            module.release_original()
+
+
 # ----- per-module calibration -----
 def calibrate_embedding(module: QuantEmbedding, config: QuantConfig):
     if config.e_bits >= 16:
@@ -79,8 +86,10 @@ def calibrate_embedding(module: QuantEmbedding, config: QuantConfig):
     module.freeze()
 
 
-def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantConfig) -> dict:
-    """Set the weight and activation quantizers of one linear from its captured inputs [tokens, in]."""
+def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantConfig, shared: dict | None = None) -> dict:
+    """Set the weight and activation quantizers of one linear from its captured inputs [tokens, in].
+
+    Linears that read the same inputs may pass one `shared` dict so input-side terms are computed once."""
     w = module.weight.detach()
     quant_w, quant_a = config.w_bits < 16, config.a_bits < 16
     if config.element == "int":
@@ -89,7 +98,7 @@ def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantCon
         module.freeze()
         return {}
     search = LinearSearch(w, inputs, config.search, per_channel=config.method == "fpq",
-                          folded=config.method == "fpq" and config.preshift == "folded")
+                          folded=config.method == "fpq" and config.preshift == "folded", shared=shared)
     w_fmt = FPFormat.from_bits(config.w_bits, config.w_exp) if quant_w else None
     a_fmt = FPFormat.from_bits(config.a_bits, config.a_exp) if quant_a else None
     order = BIAS_FIRST if config.method == "fpq" else WEIGHT_FIRST
@@ -150,22 +159,29 @@ def _capture_linear_inputs(block, group_heads, hidden, call_kwargs, batch_size):
 
 @torch.no_grad()
 def quantize(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,
-             batch_size: int = 1, progress: bool = True) -> CalibrationReport:
+             batch_size: int = 1, progress: bool = True, release_originals: bool = False) -> CalibrationReport:
     """Calibrate `model` in place for `config` on token windows `calib_data` [N, T]; returns a report.
 
-    Library entry point: after it returns, the model runs fake-quantized.
+    Library entry point: after it returns, the model runs fake-quantized. With `release_originals` each
+    module drops its full-precision weight once calibrated (one copy of the weights in memory instead of
+    two; the model can no longer run unquantized: take `model_fingerprint` before, if needed).
     """
     adapter = prepare_model(model, config, adapter)
     report, started = CalibrationReport(), time.perf_counter()
     with PeakMemory(model.device) as memory:
-        _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report)
+        _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release_originals)
     report.seconds = time.perf_counter() - started
     report.peak_memory_mb = memory.peak_mb
     return report
 
 
-def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report):
+def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release):
     set_quantized(model, False)
+
+    def finish(module):  # switch a calibrated module (or block) to quantized forward
+        set_quantized(module, True)
+        if release:
+            release_originals(module)
 
     table = get_module(model, adapter.embedding)
     if isinstance(table, QuantEmbedding):
@@ -175,22 +191,21 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
         table.quantize = False  # blocks are calibrated on full-precision inputs
 
     hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, batch_size)
+    if isinstance(table, QuantEmbedding):
+        finish(table)
     blocks = get_module(model, adapter.layers)
     for index, block in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress)):
         block_start = time.perf_counter()
         heads = [group[0] for group in adapter.linear_groups]
         fp_out, inputs = _capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
         for group in adapter.linear_groups:
+            shared = {}
             for name in group:
                 path = f"{adapter.layers}.{index}.{name}"
-                report.layers[path] = calibrate_linear(block.get_submodule(name), inputs[group[0]], config)
+                report.layers[path] = calibrate_linear(block.get_submodule(name), inputs[group[0]], config, shared)
         del inputs
-        if config.feed_quantized:
-            set_quantized(block, True)
-            hidden = _run_block(block, hidden, call_kwargs, batch_size)
-        else:
-            hidden = fp_out
-            set_quantized(block, False)
+        finish(block)
+        hidden = _run_block(block, hidden, call_kwargs, batch_size) if config.feed_quantized else fp_out
         report.block_seconds.append(time.perf_counter() - block_start)
 
     head = get_module(model, adapter.lm_head)
@@ -199,6 +214,7 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
             normed = get_module(model, adapter.final_norm)(hidden)
             report.layers[adapter.lm_head] = calibrate_linear(head, normed.reshape(-1, normed.shape[-1]), config)
             bar.update()
+        finish(head)
     set_quantized(model, True)
 
 

@@ -128,7 +128,10 @@ def model_fingerprint(model) -> dict:
     """Identity of a model for parameter files: a hash of its parameter shapes plus a content signature
     (mean |value| of the first 4096 entries of each parameter), which tells apart same-shaped checkpoints
     and survives a change of dtype."""
-    named = sorted(model.named_parameters())
+    if any(getattr(m, "released", False) for m in model.modules()):
+        raise ValueError("this model's full-precision weights were released by quantize(release_originals=True); "
+                         "take its fingerprint before quantizing")
+    named = sorted(model.named_parameters(remove_duplicate=False))  # the same before and after untying
     shape_hash = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in named]).encode()).hexdigest()[:16]
     signature = [float(f"{p.detach().flatten()[:4096].float().abs().mean().item():.4g}") for _, p in named]
     return {"model_type": model.config.model_type, "shapes": shape_hash, "signature": signature}

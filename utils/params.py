@@ -46,9 +46,12 @@ def default_path(root: str | Path, config: QuantConfig, model_name: str, fingerp
     return Path(root) / config.name / model_dir / name
 
 
-def save_params(path: str | Path, model, config: QuantConfig, model_name: str, extra: dict | None = None):
+def save_params(path: str | Path, model, config: QuantConfig, model_name: str, extra: dict | None = None,
+                fingerprint: dict | None = None):
+    """Write the quantizers of a calibrated model. `fingerprint` is `model_fingerprint` of the model as
+    loaded (needed when quantize() released its full-precision weights)."""
     path = Path(path)
-    fingerprint = model_fingerprint(model)
+    fingerprint = fingerprint or model_fingerprint(model)
     if path.exists():
         try:
             old = read_metadata(path)
