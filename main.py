@@ -1,7 +1,8 @@
 """LLM-FP4 toolkit entry point: calibrate (or reload) a fake-quantized causal LM, then evaluate it.
 
 `python main.py` with no arguments runs the embedded default (offline SmolLM2-135M, FPQ W4A4E4,
-calibration on offline Wikipedia, perplexity on held-out articles and news); see README.md.
+calibration on offline Wikipedia, perplexity on held-out articles and news, 40 GSM8K test problems through
+lm-eval); see README.md.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ EMBEDDED_DEFAULT = ["--model_args", "pretrained=smollm2-135m-offline", "--quant_
                     "--qbits", "4", "4", "4", "2", "2", "2", "--calib_dataset", "enwiki", "--calib_size", "32",
                     "--calib_seqlen", "512", "--search_strategy", "coarse", "--act_search_tokens", "512",
                     "--eval_ppl", "enwiki-heldout", "abcnews", "--ppl_seqlen", "512", "--limit", "40",
-                    "--output_path", "results/default"]
+                    "--tasks", "gsm8k_cot", "--task_data", "gsm8k_cot=gsm8k-test", "--output_path", "results/default"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_args", default="pretrained=smollm2-135m-offline",
                    help="pretrained=NAME_OR_PATH[,use_accelerate=True][,dtype=float16]; "
                         "pretrained=smollm2-135m-offline is the offline SmolLM2-135M")
-    g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (handed to lm-eval)")
+    g.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks, e.g. arc_challenge,arc_easy,boolq,hellaswag,openbookqa,"
+                        "piqa,winogrande | mmlu | gsm8k_cot | math500; offline also enwiki_cloze")
+    g.add_argument("--task_data", nargs="*", default=[], metavar="TASK=FILE",
+                   help="run a built-in task on a local file of its schema (FILE may be the asset gsm8k-test)")
+    g.add_argument("--include_path", default=None, help="folder of extra lm-eval task YAMLs")
+    g.add_argument("--gen_kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=256")
+    g.add_argument("--log_samples", action="store_true", help="keep every sample in lm_eval_output.json")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--batch_size", default="1", help="lm-eval batch size, or 'auto'")
     g.add_argument("--no_cache", action="store_true", help="accepted for the reference's scripts; nothing is cached")
     g.add_argument("--num_fewshot", type=int, default=0)
     g.add_argument("--limit", type=float, default=None,
-                   help="lm-eval examples per task; also caps the number of perplexity windows")
+                   help="lm-eval examples per task (a fraction below 1 as in lm-eval); also caps perplexity windows")
     g.add_argument("--output_path", default=None, help="folder for results.json and results.md")
     g.add_argument("--eval_ppl", nargs="*", default=[],
                    help="perplexity datasets: wikitext2, c4 (hub), enwiki-heldout, abcnews (offline) or text files")
@@ -70,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--feed_quantized", action="store_true",
                    help="calibrate each block on the previous quantized block's output")
     q.add_argument("--only_eval", action="store_true", help="skip calibration; load --ptq_param_path")
+    q.add_argument("--reuse_params", action="store_true",
+                   help="load the parameter file of these exact settings when one exists, else calibrate")
     q.add_argument("--ptq_param_path", default=None,
                    help="parameter file to write (calibration) or read (--only_eval); .safetensors or reference .pt")
     q.add_argument("--fp_only", action="store_true", help="evaluate the full-precision model, no quantization")
@@ -116,6 +126,8 @@ def output_folder(args, model_name):
 
 
 def run(args) -> dict:
+    from utils.hub import hub_offline
+    offline = hub_offline()  # before the hub libraries are imported: offline, hub names fail at once
     import torch
     from utils import data, evaluation, models, params
     from utils.calibrate import prepare_model, quantize, release_originals
@@ -127,6 +139,11 @@ def run(args) -> dict:
     name, device = model_args["pretrained"], resolve_device(args.device)
     config = None if args.fp_only else make_config(args)
     folder = output_folder(args, name)
+    if args.tasks:  # load every task's data first: a task that cannot be had fails before calibration
+        from utils import lm_eval_tasks
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        tasks = lm_eval_tasks.prepare_tasks(names, lm_eval_tasks.parse_task_data(args.task_data),
+                                            args.include_path, offline)
     dtype = model_args.get("dtype", "auto")
     if dtype == "auto" and device == "cpu":
         dtype = "float32"  # half-precision matmuls are slow or missing on CPUs
@@ -140,7 +157,7 @@ def run(args) -> dict:
         fingerprint = models.model_fingerprint(model)
         calib_tag = f"{Path(args.calib_dataset).stem}{args.calib_size}x{args.calib_seqlen}s{args.seed}"
         path = Path(args.ptq_param_path or params.default_path("search_result", config, name, fingerprint, calib_tag))
-        if args.only_eval:
+        if args.only_eval or (args.reuse_params and path.exists()):
             params.load_params(path, model, config)
             release_originals(model)
             print(f"loaded quantization parameters from {path}")
@@ -160,13 +177,19 @@ def run(args) -> dict:
     for dataset in args.eval_ppl:
         tokens = data.evaluation_tokens(tokenizer, dataset)
         result["ppl"][dataset] = evaluation.perplexity(model, tokens, args.ppl_seqlen, max_windows, desc=dataset)
+    lm_eval_output = None
     if args.tasks:
-        from utils.lm_eval_tasks import evaluate_tasks
-        result["tasks"] = evaluate_tasks(model, tokenizer, args)
+        hflm_args = {k: v for k, v in model_args.items() if k not in ("pretrained", "use_accelerate", "dtype")}
+        evaluated = lm_eval_tasks.evaluate_tasks(
+            model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+            device=device, model_args=hflm_args, gen_kwargs=args.gen_kwargs, log_samples=args.log_samples)
+        result["tasks"], result["paper_average"] = evaluated["summary"], evaluated["average"]
+        result["evaluation_seconds"] = round(evaluated["seconds"], 2)
+        lm_eval_output = evaluated["output"]
     result["versions"] = params.versions()
     print(format_table(result))
     if folder is not None:
-        write_results(folder, result)
+        write_results(folder, result, lm_eval_output)
         print(f"results written to {folder}/results.json")
     return result
 

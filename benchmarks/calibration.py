@@ -4,8 +4,9 @@ Parts (each in its own process so peak memory is its own):
   smollm2       full FPQ calibration of the offline SmolLM2-135M: seconds per block, total, peak memory
   llama7b_block one randomly initialised LLaMA-7B-shaped block (hidden 4096, intermediate 11008)
   forward       forward time of the fake-quantized SmolLM2 relative to full precision
+  lm_eval       lm-eval wall time (GSM8K generation, cloze) of the fake-quantized SmolLM2 relative to FP
 
-python benchmarks/calibration.py [--parts smollm2 llama7b_block forward] [--calib 32x512] [--n 100]
+python benchmarks/calibration.py [--parts smollm2 llama7b_block forward lm_eval] [--calib 32x512] [--n 100]
 Results: benchmarks/results/calibration.json and a table on stdout.
 """
 from __future__ import annotations
@@ -65,15 +66,24 @@ def part_llama7b_block(args) -> dict:
             "peak_memory_mb": memory.peak_mb}
 
 
-def part_forward(args) -> dict:
-    import torch
-    from utils.calibrate import quantize, set_quantized
+def quickly_quantized_smollm2(args):
+    """SmolLM2 with FPQ W4A4E4 quantizers from a tiny search: the search quality does not change the cost
+    of running the model. Its full-precision weights are kept, so FP and fake-quant run in one process."""
+    from utils.calibrate import quantize
     from utils.data import calibration_samples
     from utils.models import OFFLINE_MODEL, load_model
     model, tokenizer = load_model(OFFLINE_MODEL, "float32", args.device)
     calib = calibration_samples(tokenizer, "enwiki", 2, 64)
     quick = replace(fpq_config(args), search=replace(fpq_config(args).search, n_candidates=4, rounds=1))
     quantize(model, quick, calib, progress=False)
+    return model, tokenizer
+
+
+def part_forward(args) -> dict:
+    import torch
+    from utils.calibrate import set_quantized
+    from utils.data import calibration_samples
+    model, tokenizer = quickly_quantized_smollm2(args)
     ids = calibration_samples(tokenizer, "enwiki", 4, 512, seed=1).to(args.device)
 
     def timed(quantized):
@@ -89,7 +99,28 @@ def part_forward(args) -> dict:
     return {"fp_seconds": fp, "fake_quant_seconds": fq, "ratio": fq / fp}
 
 
-PARTS = {"smollm2": part_smollm2, "llama7b_block": part_llama7b_block, "forward": part_forward}
+def part_lm_eval(args) -> dict:
+    """Wall time of lm-eval (GSM8K CoT generation with the KV cache, and the Wikipedia cloze task) on the
+    fake-quantized model relative to full precision."""
+    from utils import lm_eval_tasks
+    from utils.calibrate import set_quantized
+    model, tokenizer = quickly_quantized_smollm2(args)
+    data = lm_eval_tasks.parse_task_data(["gsm8k_cot=gsm8k-test"])
+    result = {}
+    for task, limit in (("gsm8k_cot", args.eval_limit), ("enwiki_cloze", 10 * args.eval_limit)):
+        prepared = lm_eval_tasks.prepare_tasks([task], data)
+        for quantized in (False, True):
+            set_quantized(model, quantized)
+            run = lm_eval_tasks.evaluate_tasks(model, tokenizer, prepared, limit=limit, device=args.device)
+            key = "fake_quant" if quantized else "fp"
+            result[f"{task}_{key}_seconds"] = run["seconds"]
+            result[f"{task}_{key}_metrics"] = run["summary"]
+        result[f"{task}_ratio"] = result[f"{task}_fake_quant_seconds"] / result[f"{task}_fp_seconds"]
+    return result
+
+
+PARTS = {"smollm2": part_smollm2, "llama7b_block": part_llama7b_block, "forward": part_forward,
+         "lm_eval": part_lm_eval}
 
 
 def main():
@@ -101,6 +132,7 @@ def main():
     p.add_argument("--strategy", default="coarse", choices=["full", "coarse"])
     p.add_argument("--act_search_tokens", type=int, default=2048)
     p.add_argument("--block_tokens", type=int, default=2048, help="calibration tokens of the 7B-shaped block")
+    p.add_argument("--eval_limit", type=int, default=10, help="GSM8K problems (x10 cloze items) for lm_eval")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

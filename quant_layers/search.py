@@ -166,6 +166,7 @@ class LinearSearch:
         # With fewer tokens than input features the errors are cheaper to compute directly than through
         # in x in Gram matrices (e.g. a 7B block calibrated on few tokens).
         self.direct = inputs.shape[0] < self.weight.shape[1]
+        self.outputs = self._keep_outputs()
         self.output_energy = self._output_energy()
         self.sample = self._token_sample(settings.act_search_tokens)
         self.sample_out = self.sample @ self.weight.T
@@ -209,42 +210,66 @@ class LinearSearch:
         return self.act_bias(state.fmt, torch.tensor([state.gamma], device=self.device))[1][0]
 
     # ----- weights -----
-    def shifted_weight(self, fmt: FPFormat, shift=None):
-        """(W 2^-k, the per-row MinMax bias of that matrix in `fmt`) for shift k [..., in] or None."""
-        w = self.weight if shift is None else self.weight * torch.exp2(-shift)[..., None, :]
+    def shifted_weight(self, fmt: FPFormat, shift=None, rows=slice(None)):
+        """(W 2^-k, its per-row MinMax bias in `fmt`) for the rows `rows` and shift k [in] (or None)."""
+        w = self.weight[rows] if shift is None else self.weight[rows] * torch.exp2(-shift)
         return w, fmt.bias_for_maxval(w.abs().amax(-1))
 
     def effective_weight(self, fmt: FPFormat, gamma: torch.Tensor, shift=None, rows=slice(None),
                          shifted=None) -> torch.Tensor:
-        """Q(W 2^-k; gamma * b_init) 2^k for gamma [..., out] and shift k [..., in] (or None).
-        `shifted` is shifted_weight(fmt, shift) when the caller already has it."""
+        """Q(W 2^-k; gamma * b_init) 2^k of the rows `rows`, for their multipliers gamma [..., len(rows)] and
+        shift k [in] (or None). `shifted` is shifted_weight(fmt, shift) of every row, if the caller has it."""
         if fmt is None:
             return self.weight[rows]
-        w, b_init = shifted or self.shifted_weight(fmt, shift)
-        q = fp_quantize(w[..., rows, :], fmt, gamma[..., None] * b_init[..., rows, None])
-        return q if shift is None else q.mul_(torch.exp2(shift)[..., None, :])
+        w, b_init = self.shifted_weight(fmt, shift, rows) if shifted is None else (shifted[0][rows], shifted[1][rows])
+        q = fp_quantize(w, fmt, gamma[..., None] * b_init[:, None])
+        return q if shift is None else q.mul_(torch.exp2(shift))
+
+    def row_blocks(self) -> list[slice]:
+        """Row slices small enough that whole-matrix work never makes full-size temporaries."""
+        out_features, in_features = self.weight.shape
+        step = max(1, self._budget() // in_features)
+        return [slice(i, min(out_features, i + step)) for i in range(0, out_features, step)]
+
+    def effective_blocks(self, weight: WeightState, shift) -> list:
+        """[(rows, effective weight of those rows)] covering the matrix."""
+        return [(rows, self.effective_weight(weight.fmt, weight.gamma[rows], shift, rows)) for rows in self.row_blocks()]
 
     def weight_bias(self, state: WeightState, act: ActState) -> torch.Tensor:
-        _, b_init = self.shifted_weight(state.fmt, self.shift_of(act))
+        shift = self.shift_of(act)
+        b_init = torch.cat([self.shifted_weight(state.fmt, shift, rows)[1] for rows in self.row_blocks()])
         return (state.gamma * b_init)[:, None]
 
     # ----- losses -----
     def _accumulate(self, fn):
-        """sum of fn(x) over float32 token chunks x of the inputs (chunks of about `memory_mb`)."""
+        """sum of fn(x, y) over float32 token chunks x of the inputs and their full-precision outputs y
+        (y is None unless the outputs are kept); chunks of about `memory_mb`."""
         in_features = self.weight.shape[1]
         chunk = max(1, (self.settings.memory_mb << 18) // (4 * max(in_features, self.weight.shape[0])))
         total = 0
         for start in range(0, self.inputs.shape[0], chunk):
-            total = total + fn(self.inputs[start:start + chunk].to(self.device, torch.float32))
+            x = self.inputs[start:start + chunk].to(self.device, torch.float32)
+            total = total + fn(x, None if self.outputs is None else self.outputs[start:start + chunk])
         return total
+
+    def _keep_outputs(self):
+        """X W', kept when it fits in `memory_mb` and some term is cheaper with it (narrow layers)."""
+        (out_features, in_features), tokens = self.weight.shape, self.inputs.shape[0]
+        if self.direct or out_features > in_features or tokens * out_features * 4 > self.settings.memory_mb << 20:
+            return None
+        chunk = max(1, (self.settings.memory_mb << 18) // (4 * in_features))
+        return torch.cat([self.inputs[i:i + chunk].to(self.device, torch.float32) @ self.weight.T
+                          for i in range(0, tokens, chunk)])
 
     def _output_energy(self):
         """||X w_r||^2 per row, the part of every row loss that no quantizer changes."""
         (out_features, in_features), tokens = self.weight.shape, self.inputs.shape[0]
+        if self.outputs is not None:
+            return self.outputs.pow(2).sum(0)
         if in_features * (tokens + out_features) < tokens * out_features:  # wide layers: w'(X'X)w is cheaper
-            gram = self._accumulate(lambda x: x.T @ x)
-            return ((self.weight @ gram) * self.weight).sum(-1)
-        return self._accumulate(lambda x: (x @ self.weight.T).pow_(2).sum(0))
+            gram = self._accumulate(lambda x, _: x.T @ x)
+            return torch.cat([((self.weight[rows] @ gram) * self.weight[rows]).sum(-1) for rows in self.row_blocks()])
+        return self._accumulate(lambda x, _: (x @ self.weight.T).pow_(2).sum(0))
 
     def _input_term(self, act: ActState):
         """Xq (direct form) or Xq'Xq (Gram form), from the cache shared by layers with these inputs."""
@@ -255,7 +280,7 @@ class LinearSearch:
             if self.direct:
                 self.shared[key] = self.quantize_inputs(self.inputs.to(self.device, torch.float32), act)
             else:
-                def gram(x):
+                def gram(x, _):
                     xq = self.quantize_inputs(x, act)
                     return xq.T @ xq
                 self.shared[key] = self._accumulate(gram)
@@ -274,11 +299,14 @@ class LinearSearch:
                 out_features, in_features = self.weight.shape
                 tokens = self.inputs.shape[0]
                 quant = lambda x: self.quantize_inputs(x, act)  # noqa: E731
-                # Xq'(X W') costs 2 tokens*in*out (outputs recomputed per chunk); (Xq'X) W' tokens*in^2 + out*in^2
-                if 2 * out_features * tokens < (tokens + out_features) * in_features:
-                    cross = 2 * self._accumulate(lambda x: quant(x).T @ (x @ self.weight.T)).T
+                # Xq'(X W') costs tokens*in*out with the outputs kept, twice that without; (Xq'X) W' costs
+                # tokens*in^2 + out*in^2
+                if self.outputs is not None:
+                    cross = 2 * self._accumulate(lambda x, y: quant(x).T @ y).T
+                elif 2 * out_features * tokens < (tokens + out_features) * in_features:
+                    cross = 2 * self._accumulate(lambda x, _: quant(x).T @ (x @ self.weight.T)).T
                 else:
-                    cross = 2 * self.weight @ self._accumulate(lambda x: quant(x).T @ x).T
+                    cross = 2 * self.weight @ self._accumulate(lambda x, _: quant(x).T @ x).T
             self._terms_cache[key] = (self._input_term(act), cross)
         return self._terms_cache[key]
 
@@ -296,24 +324,29 @@ class LinearSearch:
         return max(self.weight.shape[1], self.inputs.shape[0] if self.direct else 0)
 
     def layer_loss(self, weight: WeightState, act: ActState) -> float:
-        q = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
-        return self.row_losses(q, act).sum().item()
+        blocks = self.effective_blocks(weight, self.shift_of(act))
+        return sum(self.row_losses(q, act, rows).sum().item() for rows, q in blocks)
 
-    def sample_loss_fn(self, weight: torch.Tensor, fmt: FPFormat, candidates: int):
+    def sample_loss_fn(self, blocks: list, fmt: FPFormat, candidates: int):
         """loss(gamma [C]) -> output squared error on the token sample for activation multipliers gamma,
-        with the effective weight [out, in] held fixed; `candidates` is about how many will be asked."""
+        with the effective weight held fixed (`blocks` from effective_blocks); `candidates` is about how
+        many will be asked."""
         samples, in_features = self.sample.shape
-        out_features = weight.shape[0]
+        out_features = self.weight.shape[0]
 
         def quantized(gamma):
             return fp_quantize(self.sample, fmt, self.act_bias(fmt, gamma)[0])  # [C, S, in]
 
         gram_cost = out_features * in_features * (in_features + samples) + candidates * samples * in_features ** 2
         if gram_cost >= candidates * samples * in_features * out_features:
-            return lambda gamma: (quantized(gamma) @ weight.T).sub_(self.sample_out).pow_(2).sum((-1, -2))
+            def direct(gamma):
+                xq = quantized(gamma)
+                return sum((xq @ q.T).sub_(self.sample_out[:, rows]).pow_(2).sum((-1, -2)) for rows, q in blocks)
+            return direct
         # Wide layers (gate/up, lm_head): ||Y - Xq W'||^2 = ||Y||^2 - 2<Xq, Y W> + <Xq W'W, Xq>, which costs
         # samples * in^2 per candidate instead of samples * in * out.
-        gram, target2 = weight.T @ weight, 2 * self.sample_out @ weight
+        gram = sum(q.T @ q for _, q in blocks)
+        target2 = 2 * sum(self.sample_out[:, rows] @ q for rows, q in blocks)
         energy = self.sample_out.pow(2).sum()
 
         def loss(gamma):
@@ -338,7 +371,7 @@ class LinearSearch:
     def search_act_bias(self, fmt: FPFormat, weight: WeightState, act: ActState) -> ActState:
         # The other operand is held fixed, as in every alternating step: here the current effective
         # weight (in folded form, quantized at the current shifts; the next weight step re-fits it).
-        fixed = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
+        fixed = self.effective_blocks(weight, self.shift_of(act))
         loss = self.sample_loss_fn(fixed, fmt, candidates=self.gammas.numel())
         size = self.sample.shape[0] * (self.weight.shape[1] + min(self.weight.shape))
         index, _ = grid_argmin(lambda g, _rows: loss(g[:, 0])[:, None], self.gammas, 1, self.settings.strategy,
@@ -355,8 +388,8 @@ class LinearSearch:
     def select_act(self, candidates, current: ActState, weight: WeightState) -> ActState:
         # Compare the formats on the token sample (as the rho search did), then confirm on every token.
         def sample_loss(act):
-            q = self.effective_weight(weight.fmt, weight.gamma, self.shift_of(act))
-            loss = self.sample_loss_fn(q, act.fmt, candidates=1)
+            blocks = self.effective_blocks(weight, self.shift_of(act))
+            loss = self.sample_loss_fn(blocks, act.fmt, candidates=1)
             return loss(torch.tensor([act.gamma], device=self.device)).item()
         best = _pick(candidates, [sample_loss(c) for c in candidates], None)
         if self.settings.keep_better and best.key() != current.key():

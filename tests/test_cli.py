@@ -82,3 +82,16 @@ def test_hub_dataset_offline_fails_at_once_with_the_fix():
 def test_missing_parameter_file_for_only_eval(tmp_path):
     result = run_offline("--only_eval", "--ptq_param_path", str(tmp_path / "none.safetensors"), "--device", "cpu")
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_hub_task_offline_fails_before_calibration_with_the_fix():
+    result = run_offline("--tasks", "arc_easy", "--device", "cpu", "--calib_dataset", "enwiki", timeout=90)
+    assert result.returncode == 2 and "--task_data arc_easy=FILE.jsonl" in result.stderr
+    assert "Traceback" not in result.stderr and "calibrating" not in result.stderr
+
+
+def test_task_data_for_a_group_is_refused_in_one_line(tmp_path):
+    data = tmp_path / "mmlu.jsonl"
+    data.write_text("{}\n")
+    result = run_offline("--tasks", "mmlu", "--task_data", f"mmlu={data}", "--fp_only", "--device", "cpu", timeout=90)
+    assert result.returncode == 2 and "groups such as mmlu" in result.stderr and "Traceback" not in result.stderr

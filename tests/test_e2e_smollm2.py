@@ -1,5 +1,6 @@
 """End to end on the real SmolLM2-135M (offline asset), with small settings so CI can afford it."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,13 @@ from utils.assets import AssetError, asset_path
 SMALL = ["--model_args", "pretrained=smollm2-135m-offline", "--device", "cpu", "--calib_dataset", "enwiki",
          "--calib_size", "4", "--calib_seqlen", "128", "--search_round", "1", "--search_intervals", "0.01", "1.2",
          "8", "--act_search_tokens", "256", "--eval_ppl", "enwiki-heldout", "--ppl_seqlen", "256", "--limit", "6"]
+
+
+# a local multiple-choice task in a built-in schema, the cloze task from held-out Wikipedia, and the real
+# GSM8K test file through lm-eval's own gsm8k_cot YAML (greedy generation with the KV cache)
+SAMPLE = Path(__file__).resolve().parent / "data" / "arc_schema_sample.jsonl"
+TASKS = ["--tasks", "arc_easy,enwiki_cloze,gsm8k_cot", "--task_data", f"arc_easy={SAMPLE}", "gsm8k_cot=gsm8k-test",
+         "--gen_kwargs", "max_gen_toks=48", "--log_samples"]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +33,13 @@ def runs(tmp_path_factory):
         return json.loads((out / "results.json").read_text())
 
     params = str(root / "fpq.safetensors")
-    results = {"fp": run("fp", "--fp_only"),
+    results = {"fp": run("fp", "--fp_only", *TASKS),
                "minmax": run("minmax", "--quant_config", "MinMax_config_llama"),
-               "fpq": run("fpq", "--quant_config", "FPQ_config_llama", "--ptq_param_path", params)}
-    results["reload"] = run("reload", "--quant_config", "FPQ_config_llama", "--only_eval", "--ptq_param_path", params)
+               "fpq": run("fpq", "--quant_config", "FPQ_config_llama", "--ptq_param_path", params, *TASKS)}
+    results["reload"] = run("reload", "--quant_config", "FPQ_config_llama", "--only_eval", "--ptq_param_path", params,
+                            *TASKS)
+    for name in ("fp", "fpq", "reload"):
+        results[name]["lm_eval_output"] = json.loads((root / name / "lm_eval_output.json").read_text())
     return results
 
 
@@ -47,3 +58,31 @@ def test_every_searched_layer_is_no_worse_than_minmax(runs):
 def test_only_eval_reproduces_the_calibrated_run_exactly(runs):
     assert runs["reload"]["ppl"] == runs["fpq"]["ppl"]
     assert "calibration" not in runs["reload"]
+
+
+def responses(run, task):
+    """Raw model outputs per document: log-likelihoods of the choices, or the generated text."""
+    return {sample["doc_id"]: sample["resps"] for sample in run["lm_eval_output"]["samples"][task]}
+
+
+def test_tasks_run_on_full_precision_and_quantized_models(runs):
+    for name in ("fp", "fpq"):
+        tasks = runs[name]["tasks"]
+        assert set(tasks) == {"arc_easy", "enwiki_cloze", "gsm8k_cot"}
+        assert {"acc", "acc_norm"} <= set(tasks["arc_easy"]) and "acc" in tasks["enwiki_cloze"]
+        assert "exact_match/strict-match" in tasks["gsm8k_cot"]
+        assert runs[name]["evaluation_seconds"] > 0
+        assert len(responses(runs[name], "gsm8k_cot_local")) == 6  # --limit 6
+    assert runs["fpq"]["versions"]["lm_eval"] and runs["fpq"]["qbits"] == [4, 4, 4, 2, 2, 2]
+
+
+def test_quantized_model_scores_differently_from_full_precision(runs):
+    fp, fpq = responses(runs["fp"], "enwiki_cloze"), responses(runs["fpq"], "enwiki_cloze")
+    assert fp.keys() == fpq.keys() and all(fp[d] != fpq[d] for d in fp)  # every log-likelihood moved
+    assert responses(runs["fp"], "gsm8k_cot_local") != responses(runs["fpq"], "gsm8k_cot_local")
+
+
+def test_task_results_are_deterministic_across_runs(runs):
+    assert runs["reload"]["tasks"] == runs["fpq"]["tasks"]
+    for task in ("arc_easy_local", "enwiki_cloze", "gsm8k_cot_local"):
+        assert responses(runs["reload"], task) == responses(runs["fpq"], task)

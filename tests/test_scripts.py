@@ -1,4 +1,4 @@
-"""Every complete_scripts/ script must give main.py a command line that parses and builds its config
+"""Every complete_scripts/ script must give main.py command lines that parse and build their config
 (a dry run through the scripts themselves, DRY_RUN=1), so none of them rots."""
 import os
 import subprocess
@@ -12,14 +12,42 @@ SCRIPTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "complete_scr
                  if p.name != "common.sh")
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_script_command_line_parses(script):
-    printed = subprocess.run(["bash", str(script), "--limit", "2"], env={**os.environ, "DRY_RUN": "1"},
+def dry_run(script, *extra):
+    printed = subprocess.run(["bash", str(script), *extra], env={**os.environ, "DRY_RUN": "1"},
                              capture_output=True, text=True, check=True).stdout
-    args = main.build_parser().parse_args(printed.splitlines())
-    config = main.make_config(args)
-    assert config.name == args.quant_config and args.limit == 2 and args.tasks
+    commands, current = [], []
+    for line in printed.splitlines():
+        if line == "--":
+            commands.append(current)
+            current = []
+        else:
+            current.append(line)
+    assert not current, "every dry-run command ends with a '--' line"
+    return [main.build_parser().parse_args(argv) for argv in commands]
 
 
-def test_there_are_scripts():
-    assert len(SCRIPTS) >= 6
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_script_command_lines_parse(script):
+    runs = dry_run(script, "--limit", "2")
+    assert runs
+    outputs = [args.output_path for args in runs]
+    assert len(set(outputs)) == len(outputs), "two runs of one script would share an output folder"
+    for args in runs:
+        assert args.limit == 2 and args.tasks
+        if not args.fp_only:
+            assert main.make_config(args).name == args.quant_config
+
+
+def test_table_scripts_cover_the_paper_settings():
+    """E/W/A 4/4/4, 4/4/8, 4/4/16, 8/8/8 map to --qbits W A E (spec: paper 4/4/8 is --qbits 4 8 4)."""
+    script = next(s for s in SCRIPTS if s.parent.name == "LLaMA-7B" and s.name == "FPQ.sh")
+    qbits = {tuple(args.qbits) for args in dry_run(script)}
+    assert qbits == {(4, 4, 4, 2, 2, 2), (4, 8, 4, 2, 4, 2), (4, 16, 4, 2, 5, 2), (8, 8, 8, 4, 4, 4)}
+
+
+def test_there_are_scripts_for_every_model_and_method():
+    names = {f"{p.parent.name}/{p.stem}" for p in SCRIPTS}
+    for model in ("LLaMA-7B", "LLaMA-13B"):
+        for method in ("FP", "FPQ", "FPQ_baseline", "MinMax", "MinMax_INT", "MMLU", "GSM8K", "MATH500"):
+            assert f"{model}/{method}" in names
+    assert {"LLaMA-2-7B/FPQ", "LLaMA-3-8B/FPQ", "Qwen2.5-7B-Instruct/FPQ"} <= names

@@ -106,6 +106,7 @@ def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantCon
     module.weight_quantizer = search.weight_quantizer(weight, act) if quant_w else None
     if quant_a:
         module.act_quantizer, module.input_shift = search.act_quantizer(act)
+    del search  # its cached loss terms are as large as the weight: free them before freeze() makes a copy
     module.freeze()
     return {**report, "w_format": weight.fmt.name if quant_w else None, "a_format": act.fmt.name if quant_a else None}
 

@@ -96,10 +96,20 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
                                 f"(offline, use pretrained={OFFLINE_MODEL})") from None
     if not use_accelerate:
         model.to(device)
+    _own_cpu_tensors(model)
     model.eval()
     model.requires_grad_(False)
     model.name_or_path = name
     return model, tokenizer
+
+
+def _own_cpu_tensors(model):
+    """Copy CPU weights out of the checkpoint's memory map. transformers views every tensor into one map of
+    the file, which stays resident as long as any tensor views it: weights replaced during quantization
+    would otherwise keep their pages in memory (a second copy of the model)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
 
 
 def offline_smollm2_folder() -> str:

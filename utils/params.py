@@ -30,8 +30,14 @@ class ParamFileError(ValueError):
 
 
 def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
     import transformers
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "format": FORMAT_VERSION}
+    try:
+        lm_eval_version = version("lm_eval")
+    except PackageNotFoundError:
+        lm_eval_version = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval_version,
+            "format": FORMAT_VERSION}
 
 
 def default_path(root: str | Path, config: QuantConfig, model_name: str, fingerprint: dict, calib: str) -> Path:

@@ -15,14 +15,21 @@ def format_table(result: dict) -> str:
                  ("calibration peak memory (MB)", f"{calibration['peak_memory_mb']:.0f}")]
     rows += [(f"perplexity {name}", f"{value:.3f}") for name, value in result.get("ppl", {}).items()]
     for task, metrics in (result.get("tasks") or {}).items():
-        rows += [(f"{task} {metric}", f"{value:.4f}") for metric, value in metrics.items()]
+        rows += [(f"{task} {metric}", f"{value:.4f}") for metric, value in metrics.items() if "_stderr" not in metric]
+    if result.get("paper_average") is not None:
+        rows.append(("average acc of the paper's six tasks", f"{result['paper_average']:.4f}"))
+    if result.get("evaluation_seconds") is not None:
+        rows.append(("lm-eval seconds", f"{result['evaluation_seconds']:.1f}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"| {'what'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
     return "\n".join(lines)
 
 
-def write_results(folder: Path, result: dict):
+def write_results(folder: Path, result: dict, lm_eval_output: dict | None = None):
+    """results.json, results.md and, after --tasks, lm-eval's own full output (lm_eval_output.json)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    if lm_eval_output is not None:
+        (folder / "lm_eval_output.json").write_text(json.dumps(lm_eval_output, indent=2, default=str))
     (folder / "results.md").write_text(format_table(result) + "\n")

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# LLaMA-7B, FPQ_baseline, E/W/A = 4/4/4 (paper Table 1). Extra arguments go to main.py (e.g. --calib_seqlen 1024).
+# LLaMA-7B FPQ baseline (joint format + bias search) at every Table 1 setting.
+# Extra arguments go to main.py (e.g. --calib_seqlen 1024, --limit 100). MODEL_ADDR overrides the model.
 source "$(dirname "$0")/../common.sh"
-zero_shot "${MODEL_ADDR:-huggyllama/llama-7b}" FPQ_baseline_config_llama results/LLaMA-7B/FPQ_baseline_W4A4E4 "$@"
+table_rows LLaMA-7B "${MODEL_ADDR:-huggyllama/llama-7b}" FPQ_baseline_config_llama FPQ_baseline "$@"

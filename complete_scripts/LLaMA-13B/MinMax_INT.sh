@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# LLaMA-13B MinMax INT at every Table 1 setting.
+# Extra arguments go to main.py (e.g. --calib_seqlen 1024, --limit 100). MODEL_ADDR overrides the model.
+source "$(dirname "$0")/../common.sh"
+table_rows LLaMA-13B "${MODEL_ADDR:-huggyllama/llama-13b}" MinMax_INT_config_llama MinMax_INT "$@"
