@@ -1,8 +1,9 @@
 """The README's SmolLM2-135M table: FP32, MinMax INT, MinMax FP, FPQ baseline, FPQ simulated, FPQ folded at
 W4A4E4, calibrated on 32 x 512 tokens of offline Wikipedia; perplexity on held-out Wikipedia and ABC news.
 
-python benchmarks/smollm2_table.py [--rerun | --no_run]   runs what is missing under results/table/, then prints the
-table and writes results/table/table.json and table.md.
+python benchmarks/smollm2_table.py [--rerun | --no_run] [--rows NAME ...]   runs what is missing under
+results/table/ (or, with --rerun, the named rows again), then prints the table and writes
+results/table/table.json and table.md.
 """
 from __future__ import annotations
 
@@ -32,14 +33,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rerun", action="store_true", help="run every row again")
     p.add_argument("--no_run", action="store_true", help="only tabulate the rows that have results")
+    p.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS), help="rows to (re)run")
     args = p.parse_args()
     table = []
     for name, (label, _) in ROWS.items():
         result_file = ROOT / "results" / "table" / name / "results.json"
-        if args.rerun or not result_file.exists():
+        if name in args.rows and (args.rerun or not result_file.exists()):
             if args.no_run:
                 continue
             subprocess.run(command(name), cwd=ROOT, check=True)
+        if not result_file.exists():
+            continue
         result = json.loads(result_file.read_text())
         calibration = result.get("calibration") or {}
         table.append({"method": label, **{f"ppl {k}": v for k, v in result["ppl"].items()},
