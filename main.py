@@ -1,7 +1,7 @@
 """LLM-FP4 toolkit entry point: calibrate (or reload) a fake-quantized causal LM, then evaluate it.
 
 `python main.py` with no arguments runs the embedded default (offline SmolLM2-135M, FPQ W4A4E4,
-calibration on offline Wikipedia, perplexity on held-out articles and news, 40 GSM8K test problems through
+calibration on offline Wikipedia, perplexity on held-out articles and news, 10 GSM8K test problems through
 lm-eval); see README.md.
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 EMBEDDED_DEFAULT = ["--model_args", "pretrained=smollm2-135m-offline", "--quant_config", "FPQ_config_llama",
                     "--qbits", "4", "4", "4", "2", "2", "2", "--calib_dataset", "enwiki", "--calib_size", "32",
                     "--calib_seqlen", "512", "--search_strategy", "coarse", "--act_search_tokens", "512",
-                    "--eval_ppl", "enwiki-heldout", "abcnews", "--ppl_seqlen", "512", "--limit", "40",
-                    "--tasks", "gsm8k_cot", "--task_data", "gsm8k_cot=gsm8k-test", "--output_path", "results/default"]
+                    "--eval_ppl", "enwiki-heldout", "abcnews", "--ppl_seqlen", "512", "--ppl_limit", "40",
+                    "--tasks", "gsm8k_cot", "--task_data", "gsm8k_cot=gsm8k-test", "--limit", "10",
+                    "--output_path", "results/default"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_cache", action="store_true", help="accepted for the reference's scripts; nothing is cached")
     g.add_argument("--num_fewshot", type=int, default=0)
     g.add_argument("--limit", type=float, default=None,
-                   help="lm-eval examples per task (a fraction below 1 as in lm-eval); also caps perplexity windows")
+                   help="lm-eval examples per task (a fraction below 1 as in lm-eval); also caps perplexity windows "
+                        "unless --ppl_limit is given")
+    g.add_argument("--ppl_limit", type=int, default=None, help="perplexity windows per dataset (default: --limit)")
     g.add_argument("--output_path", default=None, help="folder for results.json and results.md")
     g.add_argument("--eval_ppl", nargs="*", default=[],
                    help="perplexity datasets: wikitext2, c4 (hub), enwiki-heldout, abcnews (offline) or text files")
@@ -172,7 +175,7 @@ def run(args) -> dict:
             result["calibration"] = report.to_dict()
         result["param_path"] = str(path)
 
-    max_windows = int(args.limit) if args.limit else None
+    max_windows = args.ppl_limit or (int(args.limit) if args.limit and args.limit >= 1 else None)
     result["ppl"] = {}
     for dataset in args.eval_ppl:
         tokens = data.evaluation_tokens(tokenizer, dataset)

@@ -60,6 +60,7 @@ class QuantLinear(_FrozenWeight):
         self.weight_quantizer: nn.Module | None = None
         self.act_quantizer: nn.Module | None = None
         self.register_buffer("input_shift", None)
+        self.register_buffer("input_scale", None, persistent=False)  # 2^input_shift, cached by freeze()
         self.register_buffer("quantized_weight", None, persistent=False)
         self.quantize = False
 
@@ -67,11 +68,15 @@ class QuantLinear(_FrozenWeight):
         w = self.weight.detach().float()
         return w if self.input_shift is None else w * torch.exp2(-self.input_shift)
 
+    def freeze(self):
+        super().freeze()
+        self.input_scale = None if self.input_shift is None else torch.exp2(self.input_shift).to(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
             return F.linear(x, self.full_precision_weight(), self.bias)
-        if self.input_shift is not None:
-            x = x * torch.exp2(self.input_shift).to(x.dtype)
+        if self.input_scale is not None:
+            x = x * self.input_scale
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         return F.linear(x, self.quantized_weight, self.bias)
