@@ -116,8 +116,8 @@ def grid_argmin(loss_fn, gammas: torch.Tensor, rows: int, strategy: str, element
 
 
 def _strides(n: int) -> list[int]:
-    """Strides of the coarse strategy, coarsest first, each about the square root of the one before
-    (times the next): n = 101 gives [10, 3, 1]."""
+    """Strides of the coarse strategy, coarsest first, each about the square root of the one before:
+    n = 101 gives [10, 3, 2, 1]."""
     strides = [max(2, round(math.sqrt(n)))]
     while strides[-1] > 1:
         strides.append(max(1, round(math.sqrt(strides[-1]))))

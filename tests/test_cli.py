@@ -95,3 +95,14 @@ def test_task_data_for_a_group_is_refused_in_one_line(tmp_path):
     data.write_text("{}\n")
     result = run_offline("--tasks", "mmlu", "--task_data", f"mmlu={data}", "--fp_only", "--device", "cpu", timeout=90)
     assert result.returncode == 2 and "groups such as mmlu" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embedded_default_is_the_offline_fpq_w4a4e4_job():
+    from utils import lm_eval_tasks
+    args = main.build_parser().parse_args(main.EMBEDDED_DEFAULT)
+    config = main.make_config(args)
+    assert config.name == "FPQ_config_llama" and config.qbits == [4, 4, 4, 2, 2, 2]
+    assert args.model_args == "pretrained=smollm2-135m-offline" and args.calib_dataset == "enwiki"
+    assert args.ppl_limit == 40 and args.limit == 10 and args.eval_ppl == ["enwiki-heldout", "abcnews"]
+    _, tasks = lm_eval_tasks.prepare_tasks([args.tasks], lm_eval_tasks.parse_task_data(args.task_data))
+    assert list(tasks) == ["gsm8k_cot_local"]
