@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "16 bits leaves that operand unquantized")
     q.add_argument("--calib_dataset", default="c4",
                    help="c4, wikitext2, pile (hub), enwiki (offline) or a .txt/.jsonl file")
-    q.add_argument("--calib_size", type=int, default=32, help="calibration segments")
+    q.add_argument("--calib_size", type=int, default=None,
+                   help="calibration segments (default 32; FlatQuant: --nsamples, default 128)")
     q.add_argument("--calib_seqlen", type=int, default=2048,
                    help="tokens per segment (the paper's 2048; the reference code used 1024)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
@@ -86,7 +87,73 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ptq_param_path", default=None,
                    help="parameter file to write (calibration) or read (--only_eval); .safetensors or reference .pt")
     q.add_argument("--fp_only", action="store_true", help="evaluate the full-precision model, no quantization")
+    add_flatquant_flags(p)
     return p
+
+
+FLAT_SWITCHES = ("w_asym", "a_asym", "q_asym", "k_asym", "v_asym", "cali_trans", "add_diag", "lwc", "lac",
+                 "direct_inv", "warmup", "gptq", "act_order")
+FLAT_VALUES = {"w_bits": int, "a_bits": int, "q_bits": int, "k_bits": int, "v_bits": int, "w_groupsize": int,
+               "q_groupsize": int, "k_groupsize": int, "v_groupsize": int, "epochs": int, "nsamples": int,
+               "cali_bsz": int, "flat_lr": float, "diag_alpha": float, "percdamp": float}
+# The reference's defaults for what a FlatQuant-style command line leaves out (its --flat_lr 1e-5 excepted:
+# every published script passes 5e-3, which stays).
+FLAT_REFERENCE_DEFAULTS = {"q_bits": 16, "k_bits": 16, "v_bits": 16, **{name: False for name in FLAT_SWITCHES}}
+
+
+FLAT_HELP = {
+    "w_bits": "weight bits (overrides --qbits W)", "a_bits": "activation bits (overrides --qbits A)",
+    "q_bits": "query bits (recipe 16)", "k_bits": "K-cache bits (recipe 4)", "v_bits": "V-cache bits (recipe 4)",
+    "k_groupsize": "K-cache group along head_dim (-1: one per head); honoured, unlike the reference",
+    "v_groupsize": "V-cache group along head_dim (-1: one per head)", "q_groupsize": "query group along head_dim",
+    "w_groupsize": "weight groups of RTN/GPTQ (-1: per output row)",
+    "epochs": "training epochs per block (recipe 15)", "nsamples": "calibration windows (recipe 128)",
+    "cali_bsz": "windows per training step (recipe 4)", "flat_lr": "AdamW lr of transforms and scales; clipping 10x "
+    "(recipe 5e-3)", "diag_alpha": "SmoothQuant alpha of the per-channel scale init (0.3)",
+    "percdamp": "GPTQ damping, fraction of mean diag(H) (0.01)", "cali_trans": "train the transforms",
+    "add_diag": "learn per-channel scales", "lwc": "learnable weight clipping", "lac": "learnable activation clipping",
+    "direct_inv": "direct factors with float64 inverses instead of orthogonal x diagonal",
+    "warmup": "16-step linear lr warmup", "gptq": "GPTQ instead of RTN for the weights", "act_order": "GPTQ act-order",
+    "w_asym": "asymmetric weights", "a_asym": "asymmetric activations", "q_asym": "asymmetric queries",
+    "k_asym": "asymmetric K cache", "v_asym": "asymmetric V cache"}
+
+
+def add_flatquant_flags(p):
+    f = p.add_argument_group(
+        "FlatQuant (--quant_config FlatQuant_config_llama or FlatQuant_FP_config_llama)",
+        "The reference's flags with its meaning. With none of them, the config's published W4A4KV4 recipe applies; "
+        "once any is given, those left out take the reference's defaults (switches off, Q/K/V 16 bits), so its "
+        "scripts port by changing the entry point.")
+    for name in FLAT_SWITCHES:
+        f.add_argument(f"--{name}", action="store_true", default=None, help=FLAT_HELP.get(name))
+    for name, kind in FLAT_VALUES.items():
+        f.add_argument(f"--{name}", type=kind, default=None, help=FLAT_HELP.get(name))
+    f.add_argument("--weight_quantizer", choices=["rtn", "gptq", "fpq_search"], default=None,
+                   help="after folding: round-to-nearest, GPTQ (= --gptq) or LLM-FP4's format/bias search")
+    f.add_argument("--no_transform", action="store_true", help="no transforms: the plain RTN/GPTQ baseline")
+    f.add_argument("--cali_dataset", dest="calib_dataset", default=argparse.SUPPRESS, help="alias of --calib_dataset")
+    f.add_argument("--save_matrix", action="store_true", help="accepted: the matrices are always saved")
+    f.add_argument("--reload_matrix", action="store_true", help="load every block's matrices, no training")
+    f.add_argument("--matrix_path", default=None, help="matrix file, or a folder holding flat_matrices.safetensors")
+    f.add_argument("--resume", action="store_true", help="keep the blocks already in the matrix file, train the rest")
+    f.add_argument("--deactive_amp", action="store_true", help="accepted: calibration always runs in float32")
+    f.add_argument("--lm_eval", action="store_true", help="accepted: lm-eval runs whenever --tasks is given")
+
+
+def flat_settings(args, config):
+    """FlatSettings from the command line (see add_flatquant_flags)."""
+    given = {name: getattr(args, name) for name in (*FLAT_SWITCHES, *FLAT_VALUES) if getattr(args, name) is not None}
+    base = FLAT_REFERENCE_DEFAULTS if given else {}
+    settings = {**base, **given}
+    for name in ("w_bits", "a_bits"):
+        settings.pop(name, None)
+    if settings.pop("gptq", False):
+        settings["weight_quantizer"] = "gptq"
+    if args.weight_quantizer:
+        settings["weight_quantizer"] = args.weight_quantizer
+    if args.no_transform:
+        settings["transform"] = False
+    return replace(config.flat, **settings)
 
 
 def make_config(args):
@@ -103,6 +170,11 @@ def make_config(args):
     changes = {"search": search, "feed_quantized": args.feed_quantized or config.feed_quantized}
     if args.preshift:
         changes["preshift"] = args.preshift
+    if config.flat is not None:
+        changes["flat"] = flat_settings(args, config)
+        if args.nsamples is None and args.calib_size is not None:
+            changes["flat"] = replace(changes["flat"], nsamples=args.calib_size)
+        changes.update({f"{k}_bits": getattr(args, f"{k}_bits") for k in "wa" if getattr(args, f"{k}_bits") is not None})
     return replace(config, **changes)
 
 
@@ -155,21 +227,23 @@ def run(args) -> dict:
 
     result = {"model": name, "quant_config": config.name if config else "FP", "qbits": config.qbits if config else None,
               "settings": config.to_dict() if config else None}
-    if config is not None:
+    if config is not None and config.method == "flatquant":
+        result.update(run_flatquant(args, config, model, tokenizer, name))
+    elif config is not None:
         adapter = prepare_model(model, config)
         fingerprint = models.model_fingerprint(model)
-        calib_tag = f"{Path(args.calib_dataset).stem}{args.calib_size}x{args.calib_seqlen}s{args.seed}"
+        calib_size = args.calib_size or 32
+        calib_tag = f"{Path(args.calib_dataset).stem}{calib_size}x{args.calib_seqlen}s{args.seed}"
         path = Path(args.ptq_param_path or params.default_path("search_result", config, name, fingerprint, calib_tag))
         if args.only_eval or (args.reuse_params and path.exists()):
             params.load_params(path, model, config)
             release_originals(model)
             print(f"loaded quantization parameters from {path}")
         else:
-            calib = data.calibration_samples(tokenizer, args.calib_dataset, args.calib_size, args.calib_seqlen,
-                                             args.seed)
+            calib = data.calibration_samples(tokenizer, args.calib_dataset, calib_size, args.calib_seqlen, args.seed)
             report = quantize(model, config, calib, adapter, release_originals=True)
             params.save_params(path, model, config, name, {"calibration": {
-                "dataset": args.calib_dataset, "size": args.calib_size, "seqlen": args.calib_seqlen,
+                "dataset": args.calib_dataset, "size": calib_size, "seqlen": args.calib_seqlen,
                 "seed": args.seed}}, fingerprint=fingerprint)
             print(f"saved quantization parameters to {path}")
             result["calibration"] = report.to_dict()
@@ -195,6 +269,25 @@ def run(args) -> dict:
         write_results(folder, result, lm_eval_output)
         print(f"results written to {folder}/results.json")
     return result
+
+
+def run_flatquant(args, config, model, tokenizer, name) -> dict:
+    """Calibrate (or resume, or reload) FlatQuant; the matrix file is the saved artifact."""
+    from utils import data, models
+    from utils.flatquant import default_matrix_path, flat_quantize
+    fingerprint = models.model_fingerprint(model)
+    calib_tag = f"{Path(args.calib_dataset).stem}{config.flat.nsamples}x{args.calib_seqlen}s{args.seed}"
+    path = args.matrix_path or args.ptq_param_path
+    path = Path(path) if path else default_matrix_path("search_result", config, name, fingerprint, calib_tag)
+    if path.is_dir() or not path.suffix:
+        path = path / "flat_matrices.safetensors"
+    mode = "reload" if (args.reload_matrix or args.only_eval) else "resume" if args.resume else "calibrate"
+    needs_data = mode != "reload" or config.flat.weight_quantizer != "rtn"  # GPTQ / the search need inputs
+    calib = data.calibration_samples(tokenizer, args.calib_dataset, config.flat.nsamples if needs_data else 1,
+                                     args.calib_seqlen, args.seed)
+    report = flat_quantize(model, config, calib, path, name, fingerprint, mode=mode, release_originals=True)
+    print(f"FlatQuant matrices: {path} ({mode})")
+    return {"calibration": report.to_dict(), "param_path": str(path)}
 
 
 def main(argv=None):

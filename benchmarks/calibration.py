@@ -37,7 +37,7 @@ def part_smollm2(args) -> dict:
     model, tokenizer = load_model(OFFLINE_MODEL, "float32", args.device)
     count, seqlen = (int(v) for v in args.calib.split("x"))
     calib = calibration_samples(tokenizer, "enwiki", count, seqlen)
-    report = quantize(model, fpq_config(args), calib)
+    report = quantize(model, fpq_config(args), calib, release_originals=True)  # as main.py
     return {"seconds": report.seconds, "seconds_per_block": sum(report.block_seconds) / len(report.block_seconds),
             "peak_memory_mb": report.peak_memory_mb}
 
@@ -130,7 +130,7 @@ def main():
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--strategy", default="coarse", choices=["full", "coarse"])
-    p.add_argument("--act_search_tokens", type=int, default=2048)
+    p.add_argument("--act_search_tokens", type=int, default=512)
     p.add_argument("--block_tokens", type=int, default=2048, help="calibration tokens of the 7B-shaped block")
     p.add_argument("--eval_limit", type=int, default=10, help="GSM8K problems (x10 cloze items) for lm_eval")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")

@@ -7,7 +7,54 @@ from dataclasses import asdict, dataclass, field, replace
 
 from quant_layers.search import SearchSettings
 
-METHODS = ("minmax", "fpq_baseline", "fpq")
+METHODS = ("minmax", "fpq_baseline", "fpq", "flatquant")
+WEIGHT_QUANTIZERS = ("rtn", "gptq", "fpq_search")
+
+
+@dataclass(frozen=True)
+class FlatSettings:
+    """FlatQuant (spec part A). Defaults are the published W4A4KV4 scripts', not the reference's argparse
+    (whose --flat_lr 1e-5 no script uses)."""
+    w_asym: bool = False
+    a_asym: bool = False
+    w_groupsize: int = -1  # GPTQ and RTN weight groups (-1: one range per output row)
+    q_bits: int = 16
+    k_bits: int = 4
+    v_bits: int = 4
+    q_asym: bool = False
+    k_asym: bool = True
+    v_asym: bool = True
+    q_groupsize: int = -1  # KV-cache groups along head_dim; -1 = one group per head (= head_dim)
+    k_groupsize: int = -1
+    v_groupsize: int = -1
+    transform: bool = True  # False: no transforms at all (the plain RTN / GPTQ baselines)
+    epochs: int = 15
+    nsamples: int = 128
+    cali_bsz: int = 4
+    flat_lr: float = 5e-3
+    cali_trans: bool = True
+    add_diag: bool = True
+    diag_alpha: float = 0.3
+    lwc: bool = True
+    lac: bool = True
+    direct_inv: bool = False  # "direct" factors inverted in float64 instead of orthogonal x diagonal
+    warmup: bool = False
+    weight_quantizer: str = "rtn"  # rtn | gptq | fpq_search (LLM-FP4's per-row format and bias search)
+    percdamp: float = 0.01
+    act_order: bool = False
+
+    def __post_init__(self):
+        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
+            raise ValueError(f"weight quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
+        for name in ("q_bits", "k_bits", "v_bits"):
+            if not 2 <= getattr(self, name) <= 16:
+                raise ValueError(f"--{name} must be in 2..16 (16 = not quantized), got {getattr(self, name)}")
+        if self.epochs < 0 or self.nsamples < 1 or self.cali_bsz < 1 or self.flat_lr <= 0:
+            raise ValueError("--epochs >= 0, --nsamples >= 1, --cali_bsz >= 1 and --flat_lr > 0 are needed")
+        if not 0 <= self.diag_alpha <= 1:
+            raise ValueError(f"--diag_alpha must be in [0, 1], got {self.diag_alpha}")
+        if not 0 <= self.percdamp:
+            raise ValueError(f"--percdamp must be >= 0, got {self.percdamp}")
 
 
 @dataclass(frozen=True)
@@ -29,12 +76,15 @@ class QuantConfig:
     quantize_embedding: bool = True
     feed_quantized: bool = False  # calibrate block i+1 on block i's quantized output instead of FP
     search: SearchSettings = field(default_factory=SearchSettings)
+    flat: FlatSettings | None = None  # the "flatquant" method's settings
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.element not in ("fp", "int") or (self.element == "int" and self.method != "minmax"):
-            raise ValueError("element must be 'fp', or 'int' with the minmax method")
+        if self.element not in ("fp", "int") or (self.element == "int" and self.method not in ("minmax", "flatquant")):
+            raise ValueError("element must be 'fp', or 'int' with the minmax and flatquant methods")
+        if (self.method == "flatquant") != (self.flat is not None):
+            raise ValueError("the flatquant method needs FlatSettings (flat=...), and only it")
         if self.preshift not in ("simulated", "folded"):
             raise ValueError(f"preshift must be 'simulated' or 'folded', got {self.preshift!r}")
         for kind in ("w", "a", "e"):

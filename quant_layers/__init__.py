@@ -1,8 +1,10 @@
-"""Numerics: element formats, fake quantizers, wrapped modules and the LLM-FP4 search. No model knowledge."""
+"""Numerics: element formats, fake quantizers, wrapped modules, the LLM-FP4 search and GPTQ. No model knowledge."""
 from .formats import FPFormat, fp_formats, fp_grid, fp_quantize
+from .gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
 from .modules import QuantEmbedding, QuantLinear
 from .quantizers import FPQuantizer, IntQuantizer
 from .search import LinearSearch, SearchSettings, search_embedding
 
-__all__ = ["FPFormat", "fp_formats", "fp_grid", "fp_quantize", "QuantEmbedding", "QuantLinear", "FPQuantizer",
-           "IntQuantizer", "LinearSearch", "SearchSettings", "search_embedding"]
+__all__ = ["FPFormat", "fp_formats", "fp_grid", "fp_quantize", "GPTQResult", "HessianAccumulator", "gptq_quantize",
+           "rtn_quantize", "QuantEmbedding", "QuantLinear", "FPQuantizer", "IntQuantizer", "LinearSearch",
+           "SearchSettings", "search_embedding"]

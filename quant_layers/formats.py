@@ -104,10 +104,11 @@ def int_symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
     return absmax.float().clamp_min(MIN_ABSMAX) / (2 ** (bits - 1) - 1)
 
 
-def int_quantize_symmetric(x: torch.Tensor, bits: int, scale) -> torch.Tensor:
-    """Symmetric INT-q with levels -(2^(q-1)-1)..(2^(q-1)-1) times `scale` (no most-negative level)."""
+def int_quantize_symmetric(x: torch.Tensor, bits: int, scale, full_range: bool = False) -> torch.Tensor:
+    """Symmetric INT-q with levels -(2^(q-1)-1)..(2^(q-1)-1) times `scale`; `full_range` adds the most
+    negative level -2^(q-1) (FlatQuant/QuaRot/GPTQ's convention, same scale absmax / (2^(q-1)-1))."""
     q_max = 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale), -q_max, q_max) * scale
+    return torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale), -q_max - full_range, q_max) * scale
 
 
 def int_asymmetric_params(x_min: torch.Tensor, x_max: torch.Tensor, bits: int):

@@ -45,11 +45,12 @@ class _FrozenWeight(nn.Module):
 
 
 class QuantLinear(_FrozenWeight):
-    """y = Q_a(x * 2^shift) @ Q_w(W * 2^-shift)^T + b.
+    """y = Q_a(T(x) * 2^shift) @ Q_w(W * 2^-shift)^T + b.
 
     `input_shift` holds the integer per-input-channel exponent offsets of the *folded* pre-shifted bias
     (LLM-FP4 sec. 4.2): the offsets live in the weights and the activations use one tensor bias. It is
-    None in every other mode.
+    None in every other mode. `input_transform` T is the online part of a FlatQuant transform whose inverse
+    is already in W; it applies in full precision too, since W is only right for transformed inputs.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -59,6 +60,7 @@ class QuantLinear(_FrozenWeight):
         self.bias = linear.bias
         self.weight_quantizer: nn.Module | None = None
         self.act_quantizer: nn.Module | None = None
+        self.input_transform: nn.Module | None = None
         self.register_buffer("input_shift", None)
         self.register_buffer("input_scale", None, persistent=False)  # 2^input_shift, cached by freeze()
         self.register_buffer("quantized_weight", None, persistent=False)
@@ -73,6 +75,8 @@ class QuantLinear(_FrozenWeight):
         self.input_scale = None if self.input_shift is None else torch.exp2(self.input_shift).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if not self.quantize:
             return F.linear(x, self.full_precision_weight(), self.bias)
         if self.input_scale is not None:

@@ -53,21 +53,24 @@ class FPQuantizer(nn.Module):
 
 
 class IntQuantizer(nn.Module):
-    """Symmetric or asymmetric INT-q with per-tensor/row/channel scales, or dynamic per token."""
+    """Symmetric or asymmetric INT-q with per-tensor/row/channel scales, or dynamic per token.
+    `full_range`: symmetric levels reach -2^(q-1) too (see int_quantize_symmetric)."""
 
-    def __init__(self, bits: int, symmetric: bool = True, scale=None, zero=None, dynamic: bool = False):
+    def __init__(self, bits: int, symmetric: bool = True, scale=None, zero=None, dynamic: bool = False,
+                 full_range: bool = False):
         super().__init__()
         if not 2 <= bits <= 16:
             raise ValueError(f"INT bits must be in 2..16, got {bits}")
-        self.bits, self.symmetric, self.dynamic = bits, symmetric, dynamic
+        self.bits, self.symmetric, self.dynamic, self.full_range = bits, symmetric, dynamic, full_range
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
 
     @classmethod
-    def minmax(cls, x: torch.Tensor, bits: int, granularity: str, symmetric: bool = True) -> "IntQuantizer":
+    def minmax(cls, x: torch.Tensor, bits: int, granularity: str, symmetric: bool = True,
+               full_range: bool = False) -> "IntQuantizer":
         if granularity == "token":
-            return cls(bits, symmetric, dynamic=True)
-        return cls(bits, symmetric, *cls._params(x, bits, granularity, symmetric))
+            return cls(bits, symmetric, dynamic=True, full_range=full_range)
+        return cls(bits, symmetric, *cls._params(x, bits, granularity, symmetric), full_range=full_range)
 
     @staticmethod
     def _params(x, bits, granularity, symmetric):
@@ -87,7 +90,7 @@ class IntQuantizer(nn.Module):
         scale, zero = (self._params(x, self.bits, "token", self.symmetric) if self.dynamic
                        else (self.scale, self.zero))
         if self.symmetric:
-            return int_quantize_symmetric(x, self.bits, scale).to(x.dtype)
+            return int_quantize_symmetric(x, self.bits, scale, self.full_range).to(x.dtype)
         return int_quantize_asymmetric(x, self.bits, scale, zero).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -102,7 +105,8 @@ def quantizer_to_state(q: nn.Module) -> tuple[dict, dict]:
                 "dynamic": q.dynamic}
         return spec, ({} if q.bias is None else {"bias": q.bias})
     if isinstance(q, IntQuantizer):
-        spec = {"kind": "int", "bits": q.bits, "symmetric": q.symmetric, "dynamic": q.dynamic}
+        spec = {"kind": "int", "bits": q.bits, "symmetric": q.symmetric, "dynamic": q.dynamic,
+                "full_range": q.full_range}
         return spec, {k: v for k, v in (("scale", q.scale), ("zero", q.zero)) if v is not None}
     raise TypeError(f"cannot serialise quantizer {type(q).__name__}")
 
@@ -113,5 +117,5 @@ def quantizer_from_state(spec: dict, tensors: dict) -> nn.Module:
         return FPQuantizer(fmt, tensors.get("bias"), spec["dynamic"])
     if spec["kind"] == "int":
         return IntQuantizer(spec["bits"], spec["symmetric"], tensors.get("scale"), tensors.get("zero"),
-                            spec["dynamic"])
+                            spec["dynamic"], spec.get("full_range", False))
     raise ValueError(f"unknown quantizer kind {spec['kind']!r}")

@@ -151,10 +151,13 @@ class LinearSearch:
     """
 
     def __init__(self, weight: torch.Tensor, inputs: torch.Tensor, settings: SearchSettings,
-                 per_channel: bool, folded: bool = False, shared: dict | None = None):
+                 per_channel: bool, folded: bool = False, shared: dict | None = None, input_quantizer=None):
         if folded and not per_channel:
             raise ValueError("the folded pre-shifted bias needs per-channel activation biases")
         self.settings, self.per_channel, self.folded = settings, per_channel, folded
+        # A fixed activation quantizer (e.g. FlatQuant's dynamic per-token one) that the weights are fitted
+        # against when the activation side is not searched.
+        self.input_quantizer = input_quantizer
         self.weight = weight.detach().float()
         self.device = self.weight.device
         self.inputs = inputs
@@ -200,7 +203,7 @@ class LinearSearch:
 
     def quantize_inputs(self, x, state: ActState):
         if state.fmt is None:
-            return x
+            return x if self.input_quantizer is None else self.input_quantizer(x)
         bias, _ = self.act_bias(state.fmt, torch.tensor([state.gamma], device=self.device))
         return fp_quantize(x, state.fmt, bias[0])
 

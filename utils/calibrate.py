@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from configs import QuantConfig
 from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, QuantEmbedding, QuantLinear
+from quant_layers.flat import KVQuant
 from quant_layers.search import BIAS_FIRST, WEIGHT_FIRST, search_embedding
 
 from .models import ModelAdapter, adapter_for, get_module, set_module, untie_embeddings
@@ -61,8 +62,12 @@ def quant_modules(model):
 
 
 def set_quantized(model, enabled: bool):
+    """Switch every calibrated wrapper (and FlatQuant's attention Q/K/V quantizers) on or off."""
     for module in quant_modules(model).values():
         module.quantize = enabled and module.quantized_weight is not None
+    for module in model.modules():
+        if isinstance(module, KVQuant):
+            module.quantize = enabled
 
 
 def release_originals(model):
@@ -167,6 +172,10 @@ def quantize(model, config: QuantConfig, calib_data: torch.Tensor, adapter: Mode
     module drops its full-precision weight once calibrated (one copy of the weights in memory instead of
     two; the model can no longer run unquantized: take `model_fingerprint` before, if needed).
     """
+    if config.method == "flatquant":  # trains and folds transforms; see utils/flatquant.py
+        from .flatquant import flat_quantize
+        return flat_quantize(model, config, calib_data, adapter=adapter, progress=progress,
+                             release_originals=release_originals)
     adapter = prepare_model(model, config, adapter)
     report, started = CalibrationReport(), time.perf_counter()
     with PeakMemory(model.device) as memory:

@@ -1,4 +1,4 @@
-"""Loading causal LMs (hub, local folder, or the offline SmolLM2 GGUF) and declarative model adapters.
+"""Loading causal LMs (hub, local folder, or an offline GGUF: SmolLM2, Qwen2.5-Coder) and declarative adapters.
 
 An adapter names where things are in a transformers model; it never re-implements a forward pass.
 """
@@ -13,7 +13,11 @@ from torch import nn
 
 from .assets import asset_path, cache_dir
 
-OFFLINE_MODEL = "smollm2-135m-offline"
+OFFLINE_MODEL = "smollm2-135m-offline"  # the default model: the asset `python -m utils.assets` fetches
+QWEN_OFFLINE_MODEL = "qwen2.5-coder-0.5b-offline"  # opt-in: `python -m utils.assets qwen2.5-coder-0.5b-gguf`
+# offline model name -> (GGUF asset in utils/assets.py, folder of the converted model under <cache>/models)
+OFFLINE_MODELS = {OFFLINE_MODEL: ("smollm2-gguf", "SmolLM2-135M-Instruct"),
+                  QWEN_OFFLINE_MODEL: ("qwen2.5-coder-0.5b-gguf", "Qwen2.5-Coder-0.5B-Instruct")}
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,12 @@ class ModelAdapter:
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     )
+    # FlatQuant (spec A.3): the module whose output each group reads, where that group's per-channel scale
+    # folds (a norm's weight, or a linear's output rows); None: o_proj, whose input transform is heads x
+    # head_dim with the head_dim factor carried by the value projection's output heads.
+    scale_into: tuple[str | None, ...] = ("input_layernorm", None, "post_attention_layernorm", "mlp.up_proj")
+    attention: str = "self_attn"
+    value_proj: str = "self_attn.v_proj"
 
 
 LLAMA_LIKE = ModelAdapter()
@@ -80,10 +90,10 @@ def parse_model_args(model_args: str) -> dict:
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelerate: bool = False):
-    """(model, tokenizer). `name` is a hub id, a local folder, or OFFLINE_MODEL."""
+    """(model, tokenizer). `name` is a hub id, a local folder, or a name in OFFLINE_MODELS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if name == OFFLINE_MODEL:
-        name = offline_smollm2_folder()
+    if name in OFFLINE_MODELS:
+        name = offline_model_folder(name)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     kwargs = {"dtype": torch_dtype}
     if use_accelerate:
@@ -112,13 +122,15 @@ def _own_cpu_tensors(model):
             tensor.data = tensor.data.clone()
 
 
-def offline_smollm2_folder() -> str:
-    """Convert the GGUF SmolLM2 into a normal HF folder once (fp32 dequantized weights) and cache it."""
-    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+def offline_model_folder(name: str = OFFLINE_MODEL) -> str:
+    """Convert the GGUF of offline model `name` (a key of OFFLINE_MODELS) into a normal HF folder once
+    (fp32 dequantized weights) and cache it."""
+    asset, folder_name = OFFLINE_MODELS[name]
+    folder = cache_dir() / "models" / folder_name
     if (folder / "config.json").exists():
         return str(folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = asset_path("smollm2-gguf")
+    gguf = asset_path(asset)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = source.config

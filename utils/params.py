@@ -43,13 +43,18 @@ def versions() -> dict:
 def default_path(root: str | Path, config: QuantConfig, model_name: str, fingerprint: dict, calib: str) -> Path:
     """search_result/<config>/<model>-<fingerprint>/<every setting>.safetensors"""
     s = config.search
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name.rstrip("/").split("/")[-1] if "/" in model_name
-                  else model_name)[:60]
-    model_dir = f"{slug}-{fingerprint['shapes'][:8]}"
+    model_dir = model_folder(model_name, fingerprint)
     w, a, e, we, ae, ee = config.qbits
     name = (f"W{w}A{a}E{e}_exp{we}{ae}{ee}_round{s.rounds}_gamma{s.gamma_low:g}-{s.gamma_high:g}-{s.n_candidates}"
             f"_{s.grid}-{s.strategy}_{config.preshift}_{calib}.safetensors")
     return Path(root) / config.name / model_dir / name
+
+
+def model_folder(model_name: str, fingerprint: dict) -> str:
+    """<model>-<shape hash>: one folder per model, so runs of different models never share a file."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name.rstrip("/").split("/")[-1] if "/" in model_name
+                  else model_name)[:60]
+    return f"{slug}-{fingerprint['shapes'][:8]}"
 
 
 def save_params(path: str | Path, model, config: QuantConfig, model_name: str, extra: dict | None = None,

@@ -1,0 +1,103 @@
+"""Dynamic fake quantizers with straight-through rounding and learnable clipping (FlatQuant, spec A.4).
+
+A `DynamicQuantizer` derives its range from every group of its input at run time: one group per token
+(activations), per row (weights), or `groupsize` consecutive channels (the KV cache). Rounding passes
+gradients straight through, so clipping ratios, scales and the transforms in front are trainable.
+Elements are INT (symmetric with levels -2^(b-1)..2^(b-1)-1 as FlatQuant/QuaRot, or asymmetric) or any ExMy
+FP format, whose per-group maximum sets its exponent bias as LLM-FP4's MinMax does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .formats import MIN_ABSMAX, FPFormat, fp_quantize
+
+CLIP_INIT = 4.0  # sigmoid(4) = 0.982: clipping starts just inside the observed range
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _fp_ste(x: torch.Tensor, fmt: FPFormat, maxval: torch.Tensor) -> torch.Tensor:
+    """FP fake quantization at maxval with a straight-through grid: Q_b(x) = 2^-b Q_0(2^b x), b from maxval."""
+    scale = fmt.maxval(0.0) / maxval.clamp_min(MIN_ABSMAX)  # 2^b
+    scaled = torch.clamp(x * scale, -fmt.maxval(0.0), fmt.maxval(0.0))
+    grid = fp_quantize(scaled.detach(), fmt, 0.0)
+    return (scaled + (grid - scaled.detach())) / scale
+
+
+class DynamicQuantizer(nn.Module):
+    """Per-group dynamic INT or FP fake quantization, with optional learnable clipping (LAC / LWC).
+
+    `element` is an int bit width or an FPFormat. `clip`: None (no clipping), "scalar" (one max and one min
+    ratio shared by every group: FlatQuant's LAC) or an int number of groups along the first dimension
+    (one ratio per weight row: LWC). Ratios are sigmoid(parameter), starting at sigmoid(4).
+    """
+
+    def __init__(self, element, symmetric: bool = True, groupsize: int = -1, clip=None):
+        super().__init__()
+        if isinstance(element, int) and not 2 <= element <= 16:
+            raise ValueError(f"INT bits must be in 2..16, got {element}")
+        self.element, self.symmetric, self.groupsize = element, symmetric, groupsize
+        shape = () if clip == "scalar" else (clip, 1)
+        self.clip_max = nn.Parameter(torch.full(shape, CLIP_INIT)) if clip is not None else None
+        self.clip_min = nn.Parameter(torch.full(shape, CLIP_INIT)) if clip is not None and not symmetric else None
+
+    @property
+    def is_fp(self) -> bool:
+        return isinstance(self.element, FPFormat)
+
+    def _groups(self, x):
+        if self.groupsize <= 0 or self.groupsize == x.shape[-1]:
+            return x
+        if x.shape[-1] % self.groupsize:
+            raise ValueError(f"group size {self.groupsize} does not divide the last dimension {x.shape[-1]}")
+        return x.reshape(*x.shape[:-1], x.shape[-1] // self.groupsize, self.groupsize)
+
+    def _ratio(self, param, x):
+        if param is None:
+            return 1.0
+        ratio = torch.sigmoid(param)
+        return ratio.reshape(ratio.shape + (1,) * (x.dim() - ratio.dim())) if ratio.dim() else ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self._groups(x.float())
+        if self.symmetric or self.is_fp:
+            top = groups.abs().amax(-1, keepdim=True) * self._ratio(self.clip_max, groups)
+            out = self._symmetric(groups, top)
+        else:
+            high = groups.amax(-1, keepdim=True).clamp_min(0) * self._ratio(self.clip_max, groups)
+            low = groups.amin(-1, keepdim=True).clamp_max(0) * self._ratio(self.clip_min, groups)
+            scale = (high - low).clamp_min(MIN_ABSMAX) / (2 ** self.element - 1)
+            zero = round_ste(-low / scale)
+            codes = torch.clamp(round_ste(groups / scale) + zero, 0, 2 ** self.element - 1)
+            out = (codes - zero) * scale
+        return out.reshape(x.shape).to(x.dtype)
+
+    def _symmetric(self, groups, top):
+        if self.is_fp:
+            return _fp_ste(groups, self.element, top)
+        q_max = 2 ** (self.element - 1) - 1
+        scale = top.clamp_min(MIN_ABSMAX) / q_max
+        return torch.clamp(round_ste(groups / scale), -q_max - 1, q_max) * scale
+
+    def extra_repr(self) -> str:
+        element = self.element.name if self.is_fp else f"INT{self.element} {'sym' if self.symmetric else 'asym'}"
+        group = "per group of the last dim" if self.groupsize <= 0 else f"groups of {self.groupsize}"
+        return f"{element}, dynamic, {group}, learnable clip={self.clip_max is not None}"
+
+
+class WeightClip(nn.Module):
+    """Learnable per-row clipping of a weight (LWC): rows clamped to [min_r sigmoid(c_min), max_r sigmoid(c_max)]."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.clip_max = nn.Parameter(torch.full((rows, 1), CLIP_INIT))
+        self.clip_min = nn.Parameter(torch.full((rows, 1), CLIP_INIT))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        high = w.amax(-1, keepdim=True) * torch.sigmoid(self.clip_max).to(w.dtype)
+        low = w.amin(-1, keepdim=True) * torch.sigmoid(self.clip_min).to(w.dtype)
+        return torch.maximum(torch.minimum(w, high), low)

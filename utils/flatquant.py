@@ -1,0 +1,545 @@
+"""FlatQuant calibration (spec A.5-A.6), block by block on the driver of utils/calibrate.py:
+
+1. run the block in full precision (its outputs are the targets; per-channel input maxima seed the scales);
+2. put trainable `FlatLinear`s and a `KVQuant` in it and train transforms, scales and clipping with AdamW
+   against the full-precision outputs (loss normalised by its own value, cosine schedule);
+3. fold everything into the weights in float64: the block then holds `QuantLinear`s with only the online
+   part of each transform, and the attention quantizes Q/K/V through a registered attention function;
+4. quantize the weights group by group (RTN, GPTQ or LLM-FP4's search) on the quantized model's own inputs.
+
+The trained matrices of every finished block are written at once, so `--resume` continues an interrupted
+run and `--reload_matrix` skips training. This file knows module names (from the adapter), not numerics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from configs import QuantConfig
+from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, QuantLinear
+from quant_layers.flat import FlatLinear, KVQuant
+from quant_layers.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from quant_layers.learnable import DynamicQuantizer, WeightClip
+from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_factor, kronecker_factors, make_factor
+
+from .calibrate import CalibrationReport, PeakMemory, _capture_block_inputs, _run_block, set_quantized
+from .models import ModelAdapter, adapter_for, get_module, set_module
+
+MATRIX_FORMAT = 1
+
+
+class MatrixFileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Dims:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def model_dims(model) -> Dims:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return Dims(cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), head_dim)
+
+
+# ----- Q/K/V quantization inside transformers' attention, without copying its forward -----
+def enable_kv_quant(model):
+    """Route the model's attention through a registered function that applies each attention module's
+    `kv_quant` (if it has one) to the post-RoPE queries/keys and the values, then calls the original
+    implementation (sdpa or eager) with the original masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    config = model.config
+    base = config._attn_implementation or "eager"
+    if base.startswith("kvquant_"):
+        return
+    if base == "eager":
+        import sys
+        attention_module = next(m for m in model.modules() if hasattr(m, "o_proj"))
+        original = sys.modules[type(attention_module).__module__].eager_attention_forward
+    else:
+        original = ALL_ATTENTION_FUNCTIONS[base]
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        kv = getattr(module, "kv_quant", None)
+        if kv is not None:
+            query, key, value = kv(query, key, value)
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    name = f"kvquant_{base}"
+    AttentionInterface.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    config._attn_implementation = name
+
+
+# ----- the trainable block -----
+class FlatBlock(nn.Module):
+    """The trainable FlatQuant pieces of one decoder block, keyed by the adapter's module names."""
+
+    def __init__(self, block, adapter: ModelAdapter, config: QuantConfig, dims: Dims, generator: torch.Generator):
+        super().__init__()
+        flat, self.adapter = config.flat, adapter
+        w_element = _element(config, "w", config.w_bits)
+        a_element = _element(config, "a", config.a_bits)
+        transformed = flat.transform and (config.w_bits < 16 or config.a_bits < 16)
+        self.transforms, self.act_quantizers, self.linears = nn.ModuleList(), nn.ModuleList(), nn.ModuleDict()
+        self.value_factor = make_factor(dims.head_dim, flat.direct_inv, generator) if transformed else None
+        for group, scale_into in zip(adapter.linear_groups, adapter.scale_into):
+            head = block.get_submodule(group[0])
+            transform = None
+            if transformed and adapter.value_proj is not None and scale_into is None:  # o_proj: heads x head_dim
+                transform = KroneckerTransform(make_factor(dims.heads, flat.direct_inv, generator), self.value_factor,
+                                               head.in_features, right_online=False)
+            elif transformed:
+                n1, n2 = kronecker_factors(head.in_features)
+                transform = KroneckerTransform(make_factor(n1, flat.direct_inv, generator),
+                                               make_factor(n2, flat.direct_inv, generator), head.in_features,
+                                               diag=flat.add_diag and scale_into is not None)
+            act = (DynamicQuantizer(a_element, not flat.a_asym, clip="scalar" if flat.lac else None)
+                   if config.a_bits < 16 else None)
+            self.transforms.append(transform)
+            self.act_quantizers.append(act)
+            for name in group:
+                linear = block.get_submodule(name)
+                self.linears[_key(name)] = FlatLinear(
+                    linear, transform, act,
+                    weight_quantizer=DynamicQuantizer(w_element, not flat.w_asym) if config.w_bits < 16 else None,
+                    weight_clip=WeightClip(linear.out_features) if flat.lwc and config.w_bits < 16 else None,
+                    out_factor=self.value_factor if name == adapter.value_proj else None)
+        self.kv = self._kv_quant(config, dims, generator)
+
+    @staticmethod
+    def _kv_quant(config, dims, generator):
+        flat = config.flat
+        if min(flat.q_bits, flat.k_bits, flat.v_bits) >= 16:
+            return None
+
+        def quantizer(bits, asym, groupsize):
+            if bits >= 16:
+                return None
+            if groupsize > 0 and dims.head_dim % groupsize:
+                raise ValueError(f"KV group size {groupsize} does not divide head_dim {dims.head_dim}; "
+                                 "pass a divisor of head_dim or -1 (one group per head)")
+            return DynamicQuantizer(_element(config, "a", bits), not asym, groupsize,
+                                    clip="scalar" if flat.lac else None)
+        keys_quantized = flat.transform and min(flat.q_bits, flat.k_bits) < 16
+        key_factor = make_factor(dims.head_dim, flat.direct_inv, generator) if keys_quantized else None
+        return KVQuant(key_factor, quantizer(flat.q_bits, flat.q_asym, flat.q_groupsize),
+                       quantizer(flat.k_bits, flat.k_asym, flat.k_groupsize),
+                       quantizer(flat.v_bits, flat.v_asym, flat.v_groupsize))
+
+    def install(self, block):
+        for key, linear in self.linears.items():
+            set_module(block, _name(key), linear)
+        if self.kv is not None:
+            block.get_submodule(self.adapter.attention).kv_quant = self.kv
+
+    def init_diag(self, block, input_absmax: list, alpha: float):
+        """SmoothQuant-style s_j = max|W_:,j|^(1-alpha) / max|X_j|^alpha over the group's consumers."""
+        for group, transform, x_max in zip(self.adapter.linear_groups, self.transforms, input_absmax):
+            if transform is None or transform.diag_scale is None:
+                continue
+            w_max = torch.cat([self.linears[_key(n)].weight.detach().abs() for n in group]).amax(0).float()
+            scale = w_max.pow(1 - alpha) / x_max.float().clamp_min(1e-5).pow(alpha)
+            transform.diag_scale.data = scale.clamp_min(1e-5).to(transform.diag_scale)
+
+    def param_groups(self, flat) -> list[dict]:
+        factors, diags, clips = [], [], []
+        for name, param in self.named_parameters():
+            if ".left." in name or ".right." in name or name.startswith("value_factor") or name.startswith("kv.key_factor"):
+                factors.append(param)
+            elif name.endswith("diag_scale"):
+                diags.append(param)
+            elif "clip_" in name:
+                is_weight = "weight_clip" in name
+                if (is_weight and flat.lwc) or (not is_weight and flat.lac):
+                    clips.append(param)
+        groups = [(factors, flat.cali_trans, flat.flat_lr), (diags, flat.add_diag, flat.flat_lr),
+                  (clips, True, 10 * flat.flat_lr)]
+        return [{"params": list({id(p): p for p in ps}.values()), "lr": lr} for ps, on, lr in groups if on and ps]
+
+    # ----- explicit matrices (save / reload / resume) -----
+    def matrices(self, prefix: str) -> dict:
+        """Every trained quantity as explicit tensors keyed by module path (parameterisation-free)."""
+        out = {}
+        for group, transform, act in zip(self.adapter.linear_groups, self.transforms, self.act_quantizers):
+            for name in group:
+                path = f"{prefix}.{name}"
+                if transform is not None:
+                    for side in ("left", "right"):
+                        factor = getattr(transform, side)
+                        out[f"{path}.transform.{side}"] = factor.matrix().detach()
+                        out[f"{path}.transform.{side}_inv_t"] = factor.inverse_t().detach()
+                    if transform.diag_scale is not None:
+                        out[f"{path}.transform.diag"] = transform.diag_scale.detach()
+                if act is not None:
+                    out.update(_clip_params(act, f"{path}.act_clip"))
+                clip = self.linears[_key(name)].weight_clip
+                if clip is not None:
+                    out.update(_clip_params(clip, f"{path}.weight_clip"))
+        if self.kv is not None:
+            path = f"{prefix}.{self.adapter.attention}.kv_quant"
+            if self.kv.key_factor is not None:
+                out[f"{path}.key"] = self.kv.key_factor.matrix().detach()
+                out[f"{path}.key_inv_t"] = self.kv.key_factor.inverse_t().detach()
+            for kind in ("q", "k", "v"):
+                quantizer = getattr(self.kv, f"{kind}_quantizer")
+                if quantizer is not None:
+                    out.update(_clip_params(quantizer, f"{path}.{kind}_clip"))
+        return {k: v.float().contiguous().clone() for k, v in out.items()}
+
+    def load_matrices(self, prefix: str, tensors: dict):
+        """Freeze every trainable quantity to the saved explicit values."""
+        def take(key):
+            if key not in tensors:
+                raise MatrixFileError(f"the matrix file has no {key}; it was made with other settings or another model")
+            return tensors[key]
+        loaded = {}  # id(trainable factor) -> its saved matrix, so shared factors stay shared
+        with torch.no_grad():
+            for group, transform, act in zip(self.adapter.linear_groups, self.transforms, self.act_quantizers):
+                path = f"{prefix}.{group[0]}"
+                if transform is not None:
+                    for side in ("left", "right"):
+                        matrix = take(f"{path}.transform.{side}")
+                        if matrix.shape != getattr(transform, side).matrix().shape:
+                            raise MatrixFileError(f"{path}.transform.{side} has shape {tuple(matrix.shape)}; "
+                                                  "the matrix file is from another model")
+                        loaded[id(getattr(transform, side))] = FixedFactor(matrix)
+                    if transform.diag_scale is not None:
+                        transform.diag_scale.copy_(take(f"{path}.transform.diag"))
+                if act is not None:
+                    _set_clip(act, path + ".act_clip", take)
+                for name in group:
+                    clip = self.linears[_key(name)].weight_clip
+                    if clip is not None:
+                        _set_clip(clip, f"{prefix}.{name}.weight_clip", take)
+            if self.kv is not None:
+                path = f"{prefix}.{self.adapter.attention}.kv_quant"
+                if self.kv.key_factor is not None:
+                    loaded[id(self.kv.key_factor)] = FixedFactor(take(f"{path}.key"))
+                for kind in ("q", "k", "v"):
+                    quantizer = getattr(self.kv, f"{kind}_quantizer")
+                    if quantizer is not None:
+                        _set_clip(quantizer, f"{path}.{kind}_clip", take)
+        self._replace_factors(lambda factor: loaded[id(factor)])
+
+    def _replace_factors(self, new_factor):
+        """Swap every factor for new_factor(factor), once per factor object (o_proj and v_proj share one)."""
+        done = {}
+
+        def swap(factor):
+            return done.setdefault(id(factor), new_factor(factor))
+        for transform in self.transforms:
+            if transform is not None:
+                transform.left, transform.right = swap(transform.left), swap(transform.right)
+        for linear in self.linears.values():
+            if linear.out_factor is not None:
+                linear.out_factor = swap(linear.out_factor)
+        if self.value_factor is not None:
+            self.value_factor = swap(self.value_factor)
+        if self.kv is not None and self.kv.key_factor is not None:
+            self.kv.key_factor = swap(self.kv.key_factor)
+
+    # ----- reparameterisation -----
+    def fold_into(self, block):
+        """Replace the block's FlatLinears by QuantLinears holding the folded weights (computed in float64);
+        per-channel scales go into the producing norm or linear; the attention keeps a frozen KVQuant."""
+        self._replace_factors(freeze_factor)  # the float32 matrices applied online, with float64 inverses
+        folded = {key: linear.folded() for key, linear in self.linears.items()}
+        for group, scale_into, transform in zip(self.adapter.linear_groups, self.adapter.scale_into, self.transforms):
+            if transform is None or transform.diag_scale is None:
+                continue
+            scale = transform.diag_scale.detach().double()
+            if _key(scale_into) in folded:  # a linear's output rows (up_proj feeding down_proj)
+                w, b = folded[_key(scale_into)]
+                folded[_key(scale_into)] = (w * scale[:, None], None if b is None else b * scale)
+            else:
+                norm = block.get_submodule(scale_into)
+                norm.weight.data = (norm.weight.double() * scale).to(norm.weight.dtype)
+        for group, transform, act in zip(self.adapter.linear_groups, self.transforms, self.act_quantizers):
+            online = None if transform is None else transform.frozen()
+            for name in group:
+                original = self.linears[_key(name)]
+                w, b = folded[_key(name)]
+                module = QuantLinear(_linear(w.to(original.weight.dtype), None if b is None else b.to(original.weight.dtype)))
+                module.input_transform = online
+                module.act_quantizer = None if act is None else act.requires_grad_(False)
+                module.freeze()  # no weight quantizer yet: activations quantized, weights as folded
+                set_module(block, name, module)
+        if self.kv is not None:
+            block.get_submodule(self.adapter.attention).kv_quant = self.kv.frozen()
+
+
+def _clip_params(module, path) -> dict:
+    """The clipping parameters (clip ratio = sigmoid(parameter)) of a quantizer or weight clip, if learnable."""
+    return {f"{path}.{k}": getattr(module, f"clip_{k}").detach() for k in ("max", "min")
+            if getattr(module, f"clip_{k}", None) is not None}
+
+
+def _set_clip(module, path, take):
+    for k in ("max", "min"):
+        if getattr(module, f"clip_{k}", None) is not None:
+            getattr(module, f"clip_{k}").copy_(take(f"{path}.{k}"))
+
+
+def _element(config, kind, bits):
+    return FPFormat.from_bits(bits, getattr(config, f"{kind}_exp")) if config.element == "fp" and bits < 16 else bits
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _name(key: str) -> str:
+    return key.replace("__", ".")
+
+
+def _linear(weight, bias) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+# ----- training -----
+def _group_input_absmax(block, adapter, hidden, call_kwargs):
+    """Full-precision block outputs and the per-channel |x| maximum of each linear group's input."""
+    maxima = [None] * len(adapter.linear_groups)
+
+    def hook(index):
+        def record(_module, args):
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            maxima[index] = a if maxima[index] is None else torch.maximum(maxima[index], a)
+        return record
+    handles = [block.get_submodule(g[0]).register_forward_pre_hook(hook(i)) for i, g in enumerate(adapter.linear_groups)]
+    try:
+        out = _run_block(block, hidden, call_kwargs, 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, maxima
+
+
+def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs) -> list[float]:
+    """AdamW over the block's trainable pieces; returns the mean loss per epoch."""
+    groups = flat_block.param_groups(flat)
+    if not groups or flat.epochs == 0:
+        return []
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups)  # torch's default weight decay 0.01 applies, as in the reference
+    steps = flat.epochs * math.ceil(hidden.shape[0] / flat.cali_bsz)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=flat.flat_lr * 1e-3)
+    if flat.warmup:
+        warm = torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=16)
+        schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, schedule], milestones=[16])
+    history = []
+    with torch.enable_grad():
+        for _ in range(flat.epochs):
+            total = 0.0
+            for start in range(0, hidden.shape[0], flat.cali_bsz):
+                out = block(hidden[start:start + flat.cali_bsz], **call_kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                loss = F.mse_loss(out.float(), targets[start:start + flat.cali_bsz].float())
+                (loss / loss.detach()).backward()  # unit-scale gradient: one lr fits every layer (spec A.5)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+                total += loss.item() * out.shape[0]
+            history.append(total / hidden.shape[0])
+    for p in flat_block.parameters():
+        p.requires_grad_(False)
+    return history
+
+
+# ----- weight quantization after folding -----
+def _weight_maker(config):
+    flat = config.flat
+    if config.element == "fp":
+        fmt = FPFormat.from_bits(config.w_bits, config.w_exp)
+        return lambda w: FPQuantizer.minmax(w, fmt, "row")
+    return lambda w: IntQuantizer.minmax(w, config.w_bits, "row", symmetric=not flat.w_asym, full_range=True)
+
+
+def quantize_block_weights(block, adapter, config, hidden, call_kwargs) -> dict:
+    """Quantize each linear group in execution order, on inputs produced with the earlier groups already
+    quantized (GPTQ's sequential order); returns {name: layer loss}."""
+    flat, losses = config.flat, {}
+    for group in adapter.linear_groups:
+        modules = [block.get_submodule(n) for n in group]
+        captured = []
+        handle = modules[0].register_forward_pre_hook(
+            lambda _m, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        try:
+            _run_block(block, hidden, call_kwargs, 1)
+        finally:
+            handle.remove()
+        head = modules[0]
+        x = torch.cat(captured)
+        x = x if head.input_transform is None else head.input_transform(x)
+        xq = x if head.act_quantizer is None else head.act_quantizer(x)
+        shared = {}
+        for name, module in zip(group, modules):
+            losses[name] = _quantize_weight(module, x, xq, config, shared)
+        del captured, x, xq
+    return losses
+
+
+def _quantize_weight(module: QuantLinear, x, xq, config, shared) -> float:
+    flat, weight = config.flat, module.weight.detach()
+    if flat.weight_quantizer == "fpq_search":
+        search = LinearSearch(weight, x, config.search, per_channel=False, shared=shared,
+                              input_quantizer=module.act_quantizer)
+        w_state, a_state, report = search.run(FPFormat.from_bits(config.w_bits, config.w_exp), None)
+        module.weight_quantizer = search.weight_quantizer(w_state, a_state)
+        module.freeze()
+        return report["searched"]
+    make = _weight_maker(config)
+    if flat.weight_quantizer == "gptq":
+        hessian = HessianAccumulator(weight.shape[1], weight.device)
+        hessian.add(xq)
+        result = gptq_quantize(weight, hessian.hessian, make, percdamp=flat.percdamp, act_order=flat.act_order,
+                               groupsize=flat.w_groupsize)
+    else:
+        result = rtn_quantize(weight, make, groupsize=flat.w_groupsize)
+    module.weight.data = result.weight.to(module.weight.dtype)
+    module.weight_quantizer = None  # the values are already on their groups' grids
+    module.freeze()
+    return float((xq @ result.weight.float().T - x @ weight.float().T).pow(2).sum())
+
+
+# ----- the driver -----
+def default_matrix_path(root, config: QuantConfig, model_name: str, fingerprint: dict, calib: str):
+    """search_result/<config>/<model>-<fingerprint>/<every setting>.safetensors"""
+    from pathlib import Path
+    from .params import model_folder
+    f = config.flat
+    switches = "".join(k for k, on in (("T", f.transform and f.cali_trans), ("D", f.add_diag), ("W", f.lwc),
+                                       ("A", f.lac), ("I", f.direct_inv)) if on)
+    kv = f"q{f.q_bits}{'a' if f.q_asym else ''}g{f.q_groupsize}k{f.k_bits}{'a' if f.k_asym else ''}g{f.k_groupsize}" \
+         f"v{f.v_bits}{'a' if f.v_asym else ''}g{f.v_groupsize}"
+    name = (f"{config.element}W{config.w_bits}{'a' if f.w_asym else ''}A{config.a_bits}{'a' if f.a_asym else ''}_{kv}"
+            f"_{switches or 'none'}{'' if f.transform else '_notrans'}_e{f.epochs}_bs{f.cali_bsz}_lr{f.flat_lr:g}"
+            f"_alpha{f.diag_alpha:g}{'_warm' if f.warmup else ''}_{calib}.safetensors")
+    return Path(root) / config.name / model_folder(model_name, fingerprint) / name
+
+
+def matrix_metadata(config: QuantConfig, model_name: str, fingerprint: dict) -> dict:
+    flat = asdict(config.flat)
+    transform_keys = ("transform", "direct_inv", "add_diag", "lwc", "lac", "q_bits", "k_bits", "v_bits")
+    return {"format": MATRIX_FORMAT, "model": model_name, "fingerprint": fingerprint, "element": config.element,
+            "w_bits": config.w_bits, "a_bits": config.a_bits, "settings": {k: flat[k] for k in transform_keys}}
+
+
+def read_matrices(path, expected: dict) -> dict:
+    """{block index: tensors} of a matrix file, refused if it was made for another model or settings."""
+    from safetensors import safe_open
+    from .params import _same_model
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["flatquant"])
+        tensors = load_file(str(path))
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
+        raise MatrixFileError(f"{path} is not a FlatQuant matrix file of this toolkit ({type(error).__name__}); "
+                              "re-run calibration or pass another --matrix_path") from None
+    if not _same_model(meta["fingerprint"], expected["fingerprint"]):
+        raise MatrixFileError(f"{path} was calibrated for another model ({meta['model']}); pass this model's --matrix_path")
+    for key in ("element", "w_bits", "a_bits", "settings"):
+        if meta[key] != expected[key]:
+            raise MatrixFileError(f"{path} was made with {key}={meta[key]}, not {expected[key]}; "
+                                  "use the same FlatQuant settings or recalibrate")
+    return {int(i): {k: v for k, v in tensors.items() if k.startswith(f"{p}.")} for i, p in meta["blocks"].items()}
+
+
+def write_matrices(path, metadata: dict, blocks: dict):
+    """blocks: {index: (prefix, tensors)}; written to a temporary name, then renamed (a crash never leaves half a file)."""
+    from pathlib import Path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v for _, values in blocks.values() for k, v in values.items()}
+    meta = {**metadata, "blocks": {str(i): prefix for i, (prefix, _) in blocks.items()}}
+    partial = path.with_suffix(".partial")
+    save_file(tensors, str(partial), metadata={"flatquant": json.dumps(meta, default=str)})
+    partial.replace(path)
+
+
+@torch.no_grad()
+def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_path=None, model_name: str | None = None,
+                  fingerprint: dict | None = None, adapter: ModelAdapter | None = None, mode: str = "calibrate",
+                  progress: bool = True, release_originals: bool = False) -> CalibrationReport:
+    """FlatQuant `model` in place. mode: "calibrate" (train every block), "resume" (reuse the blocks already
+    in `matrix_path`, train the rest) or "reload" (every block from `matrix_path`, no training). Each trained
+    block is written to `matrix_path` at once (nothing is written without one)."""
+    from pathlib import Path
+    from .models import model_fingerprint
+    if mode not in ("calibrate", "resume", "reload"):
+        raise ValueError(f"mode must be calibrate, resume or reload, got {mode!r}")
+    if mode != "calibrate" and matrix_path is None:
+        raise ValueError(f"mode {mode!r} needs a matrix_path")
+    adapter = adapter or adapter_for(model)
+    dims, flat = model_dims(model), config.flat
+    model_name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
+    metadata = matrix_metadata(config, model_name, fingerprint or model_fingerprint(model))
+    matrix_path = None if matrix_path is None else Path(matrix_path)
+    saved = {}
+    if mode != "calibrate":
+        if not matrix_path.exists():
+            if mode == "reload":
+                raise MatrixFileError(f"no matrix file at {matrix_path}; calibrate first or pass --matrix_path")
+        else:
+            saved = read_matrices(matrix_path, metadata)
+    blocks = get_module(model, adapter.layers)
+    if mode == "reload" and len(saved) < len(blocks):
+        raise MatrixFileError(f"{matrix_path} holds {len(saved)} of {len(blocks)} blocks; use --resume to finish it")
+    if min(flat.q_bits, flat.k_bits, flat.v_bits) < 16:
+        enable_kv_quant(model)
+    report, started = CalibrationReport(), time.perf_counter()
+    generator = torch.Generator().manual_seed(config.search.seed)
+    written = {i: (f"{adapter.layers}.{i}", saved[i]) for i in saved}
+    with PeakMemory(model.device) as memory:
+        set_quantized(model, False)
+        hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, 1)
+        hidden_q = hidden
+        for index, block in enumerate(tqdm(blocks, desc="FlatQuant blocks", disable=not progress)):
+            block_start, prefix = time.perf_counter(), f"{adapter.layers}.{index}"
+            targets, input_absmax = _group_input_absmax(block, adapter, hidden, call_kwargs)
+            flat_block = FlatBlock(block, adapter, config, dims, generator).to(hidden.device)
+            flat_block.install(block)
+            if index in saved:
+                flat_block.load_matrices(prefix, saved[index])
+                history = []
+            else:
+                flat_block.init_diag(block, input_absmax, flat.diag_alpha)
+                history = train_block(flat_block, block, flat, hidden, targets, call_kwargs)
+                written[index] = (prefix, flat_block.matrices(prefix))
+                if matrix_path is not None:
+                    write_matrices(matrix_path, metadata, written)
+            flat_block.fold_into(block)
+            del flat_block
+            losses = quantize_block_weights(block, adapter, config, hidden_q, call_kwargs)
+            if release_originals:
+                for module in block.modules():
+                    if isinstance(module, QuantLinear):
+                        module.release_original()
+            hidden_q = _run_block(block, hidden_q, call_kwargs, 1)
+            hidden = targets
+            report.layers.update({f"{prefix}.{name}": {"loss": loss} for name, loss in losses.items()})
+            report.layers[prefix] = {"train_loss": history}
+            report.block_seconds.append(time.perf_counter() - block_start)
+    report.seconds, report.peak_memory_mb = time.perf_counter() - started, memory.peak_mb
+    return report
