@@ -170,8 +170,8 @@ def make_config(args):
     changes = {"search": search, "feed_quantized": args.feed_quantized or config.feed_quantized}
     if args.preshift:
         changes["preshift"] = args.preshift
-    if config.flat is not None:
-        changes["flat"] = flat_settings(args, config)
+    if config.flat is not None:  # FlatQuant leaves the embedding table alone whatever --qbits says
+        changes.update(flat=flat_settings(args, config), e_bits=16)
         if args.nsamples is None and args.calib_size is not None:
             changes["flat"] = replace(changes["flat"], nsamples=args.calib_size)
         changes.update({f"{k}_bits": getattr(args, f"{k}_bits") for k in "wa" if getattr(args, f"{k}_bits") is not None})

@@ -3,10 +3,12 @@
 Parts (each in its own process so peak memory is its own):
   smollm2       full FPQ calibration of the offline SmolLM2-135M: seconds per block, total, peak memory
   llama7b_block one randomly initialised LLaMA-7B-shaped block (hidden 4096, intermediate 11008)
+  flat_llama7b_block  FlatQuant W4A4KV4 training + folding + RTN of one random LLaMA-7B-shaped decoder block
   forward       forward time of the fake-quantized SmolLM2 relative to full precision
   lm_eval       lm-eval wall time (GSM8K generation, cloze) of the fake-quantized SmolLM2 relative to FP
 
-python benchmarks/calibration.py [--parts smollm2 llama7b_block forward lm_eval] [--calib 32x512] [--n 100]
+python benchmarks/calibration.py [--parts smollm2 llama7b_block flat_llama7b_block forward lm_eval] [--calib 32x512]
+       [--n 100] [--flat_calib 4x512 --epochs 1]
 Results: benchmarks/results/calibration.json and a table on stdout.
 """
 from __future__ import annotations
@@ -66,6 +68,25 @@ def part_llama7b_block(args) -> dict:
             "peak_memory_mb": memory.peak_mb}
 
 
+def part_flat_llama7b_block(args) -> dict:
+    """One LLaMA-7B-shaped decoder block (random weights) through FlatQuant: seconds and peak memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from configs import load_config
+    from utils.flatquant import flat_quantize
+    torch.manual_seed(0)
+    count, seqlen = (int(v) for v in args.flat_calib.split("x"))
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=seqlen)
+    model = LlamaForCausalLM(cfg).to(args.device).eval().requires_grad_(False)
+    config = load_config("FlatQuant_config_llama")
+    config = replace(config, flat=replace(config.flat, epochs=args.epochs, nsamples=count))
+    ids = torch.randint(0, cfg.vocab_size, (count, seqlen))
+    report = flat_quantize(model, config, ids.to(args.device), progress=False)
+    return {"samples": count, "seqlen": seqlen, "epochs": args.epochs, "seconds": report.seconds,
+            "peak_memory_mb": report.peak_memory_mb, "device": args.device}
+
+
 def quickly_quantized_smollm2(args):
     """SmolLM2 with FPQ W4A4E4 quantizers from a tiny search: the search quality does not change the cost
     of running the model. Its full-precision weights are kept, so FP and fake-quant run in one process."""
@@ -119,19 +140,23 @@ def part_lm_eval(args) -> dict:
     return result
 
 
-PARTS = {"smollm2": part_smollm2, "llama7b_block": part_llama7b_block, "forward": part_forward,
+PARTS = {"smollm2": part_smollm2, "llama7b_block": part_llama7b_block, "flat_llama7b_block": part_flat_llama7b_block,
+         "forward": part_forward,
          "lm_eval": part_lm_eval}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
+    p.add_argument("--output", default="calibration.json", help="file name under benchmarks/results/")
     p.add_argument("--calib", default="32x512")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--strategy", default="coarse", choices=["full", "coarse"])
     p.add_argument("--act_search_tokens", type=int, default=512)
     p.add_argument("--block_tokens", type=int, default=2048, help="calibration tokens of the 7B-shaped block")
+    p.add_argument("--flat_calib", default="4x512", help="FlatQuant windows x tokens of the 7B-shaped block")
+    p.add_argument("--epochs", type=int, default=1, help="FlatQuant epochs of the 7B-shaped block")
     p.add_argument("--eval_limit", type=int, default=10, help="GSM8K problems (x10 cloze items) for lm_eval")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -148,7 +173,7 @@ def main():
         print(part, json.dumps(results[part]))
     folder = ROOT / "benchmarks" / "results"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "calibration.json").write_text(json.dumps(results, indent=2))
+    (folder / args.output).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

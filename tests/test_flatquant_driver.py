@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configs import load_config
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 from quant_layers import QuantLinear
 from utils.calibrate import quantize, set_quantized
 from utils.flatquant import MatrixFileError, flat_quantize, read_matrices, write_matrices, matrix_metadata

@@ -50,4 +50,30 @@ def test_there_are_scripts_for_every_model_and_method():
     for model in ("LLaMA-7B", "LLaMA-13B"):
         for method in ("FP", "FPQ", "FPQ_baseline", "MinMax", "MinMax_INT", "MMLU", "GSM8K", "MATH500"):
             assert f"{model}/{method}" in names
-    assert {"LLaMA-2-7B/FPQ", "LLaMA-3-8B/FPQ", "Qwen2.5-7B-Instruct/FPQ"} <= names
+    assert {"LLaMA-2-7B/FPQ", "LLaMA-3-8B/FPQ", "Qwen2.5-7B-Instruct/FPQ", "LLaMA-3-8B/FlatQuant"} <= names
+
+
+def test_flatquant_script_keeps_the_published_recipe():
+    """The reference's flags keep their meaning: KV4 asymmetric, group 128, 15 epochs at 5e-3, all four
+    learnable parts on; the GPTQ run reloads the RTN run's matrices."""
+    script = next(s for s in SCRIPTS if s.parent.name == "LLaMA-3-8B" and s.name == "FlatQuant.sh")
+    runs = [args for args in dry_run(script) if not args.fp_only]
+    configs = [main.make_config(args) for args in runs]
+    for config in configs:
+        flat = config.flat
+        assert (config.w_bits, config.a_bits, flat.k_bits, flat.v_bits, flat.q_bits) == (4, 4, 4, 4, 16)
+        assert flat.k_asym and flat.v_asym and (flat.k_groupsize, flat.v_groupsize) == (128, 128)
+        assert (flat.epochs, flat.flat_lr, flat.nsamples, flat.cali_bsz) == (15, 5e-3, 128, 4)
+        assert flat.cali_trans and flat.add_diag and flat.lwc and flat.lac and not flat.direct_inv
+    assert [c.flat.weight_quantizer for c in configs] == ["rtn", "gptq"]
+    assert [args.reload_matrix for args in runs] == [False, True]
+    assert all(args.calib_dataset == "wikitext2" and args.calib_seqlen == 2048 for args in runs)
+
+
+def test_flatquant_flags_left_out_take_the_reference_defaults():
+    args = main.build_parser().parse_args(["--quant_config", "FlatQuant_config_llama", "--w_bits", "4",
+                                           "--a_bits", "4", "--lwc"])
+    flat = main.make_config(args).flat
+    assert (flat.k_bits, flat.v_bits) == (16, 16) and flat.lwc and not (flat.lac or flat.cali_trans or flat.add_diag)
+    recipe = main.make_config(main.build_parser().parse_args(["--quant_config", "FlatQuant_config_llama"])).flat
+    assert (recipe.k_bits, recipe.v_bits) == (4, 4) and recipe.lwc and recipe.lac and recipe.cali_trans

@@ -514,9 +514,12 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
     with PeakMemory(model.device) as memory:
         set_quantized(model, False)
         hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, 1)
+        hidden = hidden.float()  # every block is calibrated in float32, whatever the model's dtype
         hidden_q = hidden
         for index, block in enumerate(tqdm(blocks, desc="FlatQuant blocks", disable=not progress)):
             block_start, prefix = time.perf_counter(), f"{adapter.layers}.{index}"
+            dtype = next(block.parameters()).dtype
+            block.float()
             targets, input_absmax = _group_input_absmax(block, adapter, hidden, call_kwargs)
             flat_block = FlatBlock(block, adapter, config, dims, generator).to(hidden.device)
             flat_block.install(block)
@@ -538,6 +541,7 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
                         module.release_original()
             hidden_q = _run_block(block, hidden_q, call_kwargs, 1)
             hidden = targets
+            block.to(dtype)
             report.layers.update({f"{prefix}.{name}": {"loss": loss} for name, loss in losses.items()})
             report.layers[prefix] = {"train_loss": history}
             report.block_seconds.append(time.perf_counter() - block_start)
