@@ -96,8 +96,10 @@ FLAT_SWITCHES = ("w_asym", "a_asym", "q_asym", "k_asym", "v_asym", "cali_trans",
 FLAT_VALUES = {"w_bits": int, "a_bits": int, "q_bits": int, "k_bits": int, "v_bits": int, "w_groupsize": int,
                "q_groupsize": int, "k_groupsize": int, "v_groupsize": int, "epochs": int, "nsamples": int,
                "cali_bsz": int, "flat_lr": float, "diag_alpha": float, "percdamp": float}
-# The reference's defaults for what a FlatQuant-style command line leaves out (its --flat_lr 1e-5 excepted:
-# every published script passes 5e-3, which stays).
+# Every published FlatQuant script names the parts it learns; once one of these is given, the command line is
+# read as the reference reads it: switches and Q/K/V bits left out take the reference's defaults (its
+# --flat_lr 1e-5 excepted: every published script passes 5e-3, which stays).
+FLAT_LEARNED_PARTS = ("cali_trans", "add_diag", "lwc", "lac")
 FLAT_REFERENCE_DEFAULTS = {"q_bits": 16, "k_bits": 16, "v_bits": 16, **{name: False for name in FLAT_SWITCHES}}
 
 
@@ -121,8 +123,9 @@ FLAT_HELP = {
 def add_flatquant_flags(p):
     f = p.add_argument_group(
         "FlatQuant (--quant_config FlatQuant_config_llama or FlatQuant_FP_config_llama)",
-        "The reference's flags with its meaning. With none of them, the config's published W4A4KV4 recipe applies; "
-        "once any is given, those left out take the reference's defaults (switches off, Q/K/V 16 bits), so its "
+        "The reference's flags with its meaning. Without --cali_trans/--add_diag/--lwc/--lac the config's published "
+        "W4A4KV4 recipe applies and the other flags change it; once one of those four is given (as in every "
+        "published script), switches and Q/K/V bits left out take the reference's defaults (off, 16 bits), so its "
         "scripts port by changing the entry point.")
     for name in FLAT_SWITCHES:
         f.add_argument(f"--{name}", action="store_true", default=None, help=FLAT_HELP.get(name))
@@ -143,7 +146,7 @@ def add_flatquant_flags(p):
 def flat_settings(args, config):
     """FlatSettings from the command line (see add_flatquant_flags)."""
     given = {name: getattr(args, name) for name in (*FLAT_SWITCHES, *FLAT_VALUES) if getattr(args, name) is not None}
-    base = FLAT_REFERENCE_DEFAULTS if given else {}
+    base = FLAT_REFERENCE_DEFAULTS if any(name in given for name in FLAT_LEARNED_PARTS) else {}
     settings = {**base, **given}
     for name in ("w_bits", "a_bits"):
         settings.pop(name, None)

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL = "--model_args pretrained=smollm2-135m-offline --device cpu --calib_dataset enwiki --calib_seqlen 512 " \
        "--eval_ppl enwiki-heldout abcnews --ppl_seqlen 512 --ppl_limit 40 "
 SEARCH = "--search_round 3 --search_intervals 0.01 1.2 100 --search_strategy coarse "
-FLAT = "--quant_config FlatQuant_config_llama --nsamples 32 --epochs 3 "
+KV4 = "--w_bits 4 --a_bits 4 --k_bits 4 --k_asym --v_bits 4 --v_asym --nsamples 32 "
+FLAT = "--quant_config FlatQuant_config_llama " + KV4 + "--cali_bsz 4 --epochs 3 --flat_lr 5e-3 --lwc --lac --cali_trans --add_diag "
 TABLES = {  # table -> (folder, settings shared by every row, {row: (label, its own settings)})
     "llmfp4": ("table", EVAL + SEARCH + "--calib_size 32 --act_search_tokens 512", {
         "fp32": ("FP32", "--fp_only"),
@@ -31,7 +32,8 @@ TABLES = {  # table -> (folder, settings shared by every row, {row: (label, its 
         "fpq_folded": ("FPQ, pre-shift folded", "--quant_config FPQ_config_llama")}),
     "flatquant": ("flatquant_table", EVAL, {
         "fp32": ("FP32", "--fp_only"),
-        "rtn": ("RTN (no transforms)", FLAT + "--no_transform --epochs 0"),
+        "rtn": ("RTN (no transforms)", "--quant_config FlatQuant_config_llama " + KV4 + "--no_transform --epochs 0 "
+                "--cali_trans"),  # --cali_trans: read as the reference; with --no_transform nothing is learned
         "flat_rtn": ("FlatQuant + RTN", FLAT),
         "flat_gptq": ("FlatQuant + GPTQ (same matrices)", FLAT + "--gptq --reload_matrix"),
         "flat_fp4": ("FlatQuant FP4 (E2M1) + FPQ weight search",

@@ -77,3 +77,7 @@ def test_flatquant_flags_left_out_take_the_reference_defaults():
     assert (flat.k_bits, flat.v_bits) == (16, 16) and flat.lwc and not (flat.lac or flat.cali_trans or flat.add_diag)
     recipe = main.make_config(main.build_parser().parse_args(["--quant_config", "FlatQuant_config_llama"])).flat
     assert (recipe.k_bits, recipe.v_bits) == (4, 4) and recipe.lwc and recipe.lac and recipe.cali_trans
+    # numeric flags and --gptq alone change the recipe, they do not switch to the reference's defaults
+    tweaked = main.make_config(main.build_parser().parse_args(
+        ["--quant_config", "FlatQuant_config_llama", "--epochs", "3", "--gptq"])).flat
+    assert tweaked.epochs == 3 and tweaked.weight_quantizer == "gptq" and tweaked.lwc and tweaked.k_bits == 4
