@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configs import load_config
-from conftest import tiny_llama
+from conftest import tiny_causal_lm, tiny_llama
 from quant_layers import QuantLinear
 from utils.calibrate import quantize, set_quantized
 from utils.flatquant import MatrixFileError, flat_quantize, read_matrices, write_matrices, matrix_metadata
@@ -44,6 +44,22 @@ def test_folded_model_without_quantizers_reproduces_full_precision_logits(direct
     off = logits(model, ids)
     assert (off - reference).norm() / reference.norm() < 1e-4
     assert (quantized - reference).norm() / reference.norm() > 1e-3  # the quantizers were really on
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_families_fold_exactly(family, calib_ids, tmp_path):
+    """Qwen2's q/k/v biases (the value bias turns with its heads) and Mistral go through the same adapter."""
+    ids = calib_ids[:2]
+    reference = logits(tiny_causal_lm(family), ids)
+    model = tiny_causal_lm(family)
+    assert model.model.layers[0].self_attn.v_proj.bias is not None or family == "mistral"
+    flat_quantize(model, flat_config(w_bits=16), calib_ids, tmp_path / "m.safetensors", family,
+                  model_fingerprint(model), progress=False)
+    quantized = logits(model, ids)
+    set_quantized(model, False)
+    off = logits(model, ids)
+    assert (off - reference).norm() / reference.norm() < 1e-4
+    assert (quantized - reference).norm() / reference.norm() > 1e-3
 
 
 def test_training_lowers_the_block_loss(calib_ids, tmp_path):
