@@ -133,6 +133,17 @@ def test_library_entry_point_runs_flatquant_configs(name, calib_ids):
     assert attention.kv_quant.k_quantizer is not None and attention.kv_quant.v_quantizer is not None
 
 
+def test_kv_group_sizes_are_honoured(calib_ids):
+    model = tiny_llama()
+    quantize(model, flat_config(k_groupsize=8, v_groupsize=4, q_bits=4, epochs=0), calib_ids, progress=False)
+    kv = model.model.layers[1].self_attn.kv_quant
+    assert (kv.k_quantizer.groupsize, kv.v_quantizer.groupsize, kv.q_quantizer.groupsize) == (8, 4, -1)
+    keys = torch.randn(1, 2, 3, 16)
+    keys[..., 0] = 100.0  # an outlier in the first group of 8 must not coarsen the second group
+    second = kv.k_quantizer(keys)[..., 8:]
+    assert (second - keys[..., 8:]).abs().max() < 0.5 * keys[..., 8:].abs().max() / 7
+
+
 def test_kv_group_size_that_does_not_divide_head_dim_is_refused(calib_ids, tmp_path):
     with pytest.raises(ValueError, match="does not divide head_dim 16"):
         calibrate(flat_config(k_groupsize=12), calib_ids, tmp_path / "m.safetensors")
