@@ -133,7 +133,8 @@ def add_flatquant_flags(p):
         f.add_argument(f"--{name}", type=kind, default=None, help=FLAT_HELP.get(name))
     f.add_argument("--weight_quantizer", choices=["rtn", "gptq", "fpq_search"], default=None,
                    help="after folding: round-to-nearest, GPTQ (= --gptq) or LLM-FP4's format/bias search")
-    f.add_argument("--no_transform", action="store_true", help="no transforms: the plain RTN/GPTQ baseline")
+    f.add_argument("--no_transform", action="store_true",
+                   help="no transforms and nothing learned unless named: the plain RTN/GPTQ baseline")
     f.add_argument("--cali_dataset", dest="calib_dataset", default=argparse.SUPPRESS, help="alias of --calib_dataset")
     f.add_argument("--save_matrix", action="store_true", help="accepted: the matrices are always saved")
     f.add_argument("--reload_matrix", action="store_true", help="load every block's matrices, no training")
@@ -147,6 +148,8 @@ def flat_settings(args, config):
     """FlatSettings from the command line (see add_flatquant_flags)."""
     given = {name: getattr(args, name) for name in (*FLAT_SWITCHES, *FLAT_VALUES) if getattr(args, name) is not None}
     base = FLAT_REFERENCE_DEFAULTS if any(name in given for name in FLAT_LEARNED_PARTS) else {}
+    if args.no_transform:  # the plain RTN / GPTQ baseline: nothing learned unless named
+        base = {**base, "transform": False, **{name: False for name in FLAT_LEARNED_PARTS}}
     settings = {**base, **given}
     for name in ("w_bits", "a_bits"):
         settings.pop(name, None)
@@ -154,8 +157,6 @@ def flat_settings(args, config):
         settings["weight_quantizer"] = "gptq"
     if args.weight_quantizer:
         settings["weight_quantizer"] = args.weight_quantizer
-    if args.no_transform:
-        settings["transform"] = False
     return replace(config.flat, **settings)
 
 

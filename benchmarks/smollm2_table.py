@@ -32,8 +32,7 @@ TABLES = {  # table -> (folder, settings shared by every row, {row: (label, its 
         "fpq_folded": ("FPQ, pre-shift folded", "--quant_config FPQ_config_llama")}),
     "flatquant": ("flatquant_table", EVAL, {
         "fp32": ("FP32", "--fp_only"),
-        "rtn": ("RTN (no transforms)", "--quant_config FlatQuant_config_llama " + KV4 + "--no_transform --epochs 0 "
-                "--cali_trans"),  # --cali_trans: read as the reference; with --no_transform nothing is learned
+        "rtn": ("RTN (no transforms)", "--quant_config FlatQuant_config_llama " + KV4 + "--no_transform"),
         "flat_rtn": ("FlatQuant + RTN", FLAT),
         "flat_gptq": ("FlatQuant + GPTQ (same matrices)", FLAT + "--gptq --reload_matrix"),
         "flat_fp4": ("FlatQuant FP4 (E2M1) + FPQ weight search",

@@ -81,3 +81,7 @@ def test_flatquant_flags_left_out_take_the_reference_defaults():
     tweaked = main.make_config(main.build_parser().parse_args(
         ["--quant_config", "FlatQuant_config_llama", "--epochs", "3", "--gptq"])).flat
     assert tweaked.epochs == 3 and tweaked.weight_quantizer == "gptq" and tweaked.lwc and tweaked.k_bits == 4
+    plain = main.make_config(main.build_parser().parse_args(
+        ["--quant_config", "FlatQuant_config_llama", "--no_transform"])).flat
+    assert not (plain.transform or plain.cali_trans or plain.add_diag or plain.lwc or plain.lac)
+    assert (plain.k_bits, plain.v_bits) == (4, 4)
