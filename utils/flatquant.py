@@ -378,49 +378,57 @@ def _weight_maker(config):
 
 def quantize_block_weights(block, adapter, config, hidden, call_kwargs) -> dict:
     """Quantize each linear group in execution order, on inputs produced with the earlier groups already
-    quantized (GPTQ's sequential order); returns {name: layer loss}."""
-    flat, losses = config.flat, {}
+    quantized (GPTQ's sequential order); returns {name: loss}. RTN and GPTQ stream the inputs into one
+    Hessian per group (in^2 floats, not tokens x in); only the FPQ search keeps the inputs themselves."""
+    losses = {}
     for group in adapter.linear_groups:
         modules = [block.get_submodule(n) for n in group]
-        captured = []
-        handle = modules[0].register_forward_pre_hook(
-            lambda _m, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        head, keep = modules[0], config.flat.weight_quantizer == "fpq_search"
+        hessian, captured = HessianAccumulator(head.in_features, hidden.device), []
+
+        def record(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            x = x if head.input_transform is None else head.input_transform(x)
+            hessian.add(x if head.act_quantizer is None else head.act_quantizer(x))
+            if keep:
+                captured.append(x)
+        handle = head.register_forward_pre_hook(record)
         try:
             _run_block(block, hidden, call_kwargs, 1)
         finally:
             handle.remove()
-        head = modules[0]
-        x = torch.cat(captured)
-        x = x if head.input_transform is None else head.input_transform(x)
-        xq = x if head.act_quantizer is None else head.act_quantizer(x)
-        shared = {}
+        inputs, shared = (torch.cat(captured) if keep else None), {}
         for name, module in zip(group, modules):
-            losses[name] = _quantize_weight(module, x, xq, config, shared)
-        del captured, x, xq
+            losses[name] = _quantize_weight(module, hessian, inputs, config, shared)
+        del captured, inputs
     return losses
 
 
-def _quantize_weight(module: QuantLinear, x, xq, config, shared) -> float:
-    flat, weight = config.flat, module.weight.detach()
+def _quantize_weight(module: QuantLinear, hessian: HessianAccumulator, inputs, config, shared) -> float:
+    """Quantize one folded weight; the loss is the output error the weight quantization adds on the quantized
+    inputs, ||Xq (W - Q)^T||^2 = N/2 tr((W - Q) H (W - Q)^T), comparable across RTN, GPTQ and the search."""
+    flat, weight = config.flat, module.weight.detach().float()
     if flat.weight_quantizer == "fpq_search":
-        search = LinearSearch(weight, x, config.search, per_channel=False, shared=shared,
+        search = LinearSearch(weight, inputs, config.search, per_channel=False, shared=shared,
                               input_quantizer=module.act_quantizer)
-        w_state, a_state, report = search.run(FPFormat.from_bits(config.w_bits, config.w_exp), None)
+        w_state, a_state, _ = search.run(FPFormat.from_bits(config.w_bits, config.w_exp), None)
         module.weight_quantizer = search.weight_quantizer(w_state, a_state)
+        del search
         module.freeze()
-        return report["searched"]
-    make = _weight_maker(config)
-    if flat.weight_quantizer == "gptq":
-        hessian = HessianAccumulator(weight.shape[1], weight.device)
-        hessian.add(xq)
-        result = gptq_quantize(weight, hessian.hessian, make, percdamp=flat.percdamp, act_order=flat.act_order,
-                               groupsize=flat.w_groupsize)
+        quantized = module.quantized_weight.float()
     else:
-        result = rtn_quantize(weight, make, groupsize=flat.w_groupsize)
-    module.weight.data = result.weight.to(module.weight.dtype)
-    module.weight_quantizer = None  # the values are already on their groups' grids
-    module.freeze()
-    return float((xq @ result.weight.float().T - x @ weight.float().T).pow(2).sum())
+        make = _weight_maker(config)
+        if flat.weight_quantizer == "gptq":
+            result = gptq_quantize(weight, hessian.hessian, make, percdamp=flat.percdamp, act_order=flat.act_order,
+                                   groupsize=flat.w_groupsize)
+        else:
+            result = rtn_quantize(weight, make, groupsize=flat.w_groupsize)
+        quantized = result.weight.float()
+        module.weight.data = result.weight.to(module.weight.dtype)
+        module.weight_quantizer = None  # the values are already on their groups' grids
+        module.freeze()
+    delta = weight - quantized
+    return float(hessian.tokens / 2 * ((delta @ hessian.hessian) * delta).sum())
 
 
 # ----- the driver -----
