@@ -147,7 +147,7 @@ class FlatBlock(nn.Module):
         if self.kv is not None:
             block.get_submodule(self.adapter.attention).kv_quant = self.kv
 
-    def init_diag(self, block, input_absmax: list, alpha: float):
+    def init_diag(self, input_absmax: list, alpha: float):
         """SmoothQuant-style s_j = max|W_:,j|^(1-alpha) / max|X_j|^alpha over the group's consumers."""
         for group, transform, x_max in zip(self.adapter.linear_groups, self.transforms, input_absmax):
             if transform is None or transform.diag_scale is None:
@@ -535,7 +535,7 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
                 flat_block.load_matrices(prefix, saved[index])
                 history = []
             else:
-                flat_block.init_diag(block, input_absmax, flat.diag_alpha)
+                flat_block.init_diag(input_absmax, flat.diag_alpha)
                 history = train_block(flat_block, block, flat, hidden, targets, call_kwargs)
                 written[index] = (prefix, flat_block.matrices(prefix))
                 if matrix_path is not None:
