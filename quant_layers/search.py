@@ -43,7 +43,9 @@ class SearchSettings:
     # layer never ends worse than where it started (the reference can, see spec sec. 4.4).
     keep_better: bool = True
     act_search_tokens: int | None = None
-    memory_mb: int = 1024
+    # Working memory of one layer's search (token chunks, kept outputs); None: 256 MB on a CPU, where the
+    # model shares the host's memory, 2 GB on a GPU.
+    memory_mb: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -248,7 +250,7 @@ class LinearSearch:
         """sum of fn(x, y) over float32 token chunks x of the inputs and their full-precision outputs y
         (y is None unless the outputs are kept); chunks of about `memory_mb`."""
         in_features = self.weight.shape[1]
-        chunk = max(1, (self.settings.memory_mb << 18) // (4 * max(in_features, self.weight.shape[0])))
+        chunk = max(1, (memory_mb(self.settings, self.device) << 18) // (4 * max(in_features, self.weight.shape[0])))
         total = 0
         for start in range(0, self.inputs.shape[0], chunk):
             x = self.inputs[start:start + chunk].to(self.device, torch.float32)
@@ -258,9 +260,10 @@ class LinearSearch:
     def _keep_outputs(self):
         """X W', kept when it fits in `memory_mb` and some term is cheaper with it (narrow layers)."""
         (out_features, in_features), tokens = self.weight.shape, self.inputs.shape[0]
-        if self.direct or out_features > in_features or tokens * out_features * 4 > self.settings.memory_mb << 20:
+        budget = memory_mb(self.settings, self.device)
+        if self.direct or out_features > in_features or tokens * out_features * 4 > budget << 20:
             return None
-        chunk = max(1, (self.settings.memory_mb << 18) // (4 * in_features))
+        chunk = max(1, (budget << 18) // (4 * in_features))
         return torch.cat([self.inputs[i:i + chunk].to(self.device, torch.float32) @ self.weight.T
                           for i in range(0, tokens, chunk)])
 
@@ -447,7 +450,11 @@ def budget_elements(settings: SearchSettings, device) -> int:
     """Elements of one candidate block: a cache-sized block on CPU, `memory_mb` worth on a GPU."""
     if device.type == "cpu":
         return 1 << 20
-    return (settings.memory_mb << 20) // (4 * 8)  # ~8 float32 temporaries per element
+    return (memory_mb(settings, device) << 20) // (4 * 8)  # ~8 float32 temporaries per element
+
+
+def memory_mb(settings: SearchSettings, device) -> int:
+    return settings.memory_mb or (256 if device.type == "cpu" else 2048)
 
 
 def _pick(options, losses, incumbent):
