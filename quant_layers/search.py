@@ -174,7 +174,7 @@ class LinearSearch:
         self.outputs = self._keep_outputs()
         self.output_energy = self._output_energy()
         self.sample = self._token_sample(settings.act_search_tokens)
-        self.sample_out = self.sample @ self.weight.T
+        self._sample_out = None  # X W' on the sample, for the direct form of the activation search
         self.gammas = settings.gammas().to(self.device)
         self._terms_cache: dict = {}
         # The coarse strategy starts later rounds from each format's previous per-row result.
@@ -236,9 +236,10 @@ class LinearSearch:
         step = max(1, self._budget() // in_features)
         return [slice(i, min(out_features, i + step)) for i in range(0, out_features, step)]
 
-    def effective_blocks(self, weight: WeightState, shift) -> list:
-        """[(rows, effective weight of those rows)] covering the matrix."""
-        return [(rows, self.effective_weight(weight.fmt, weight.gamma[rows], shift, rows)) for rows in self.row_blocks()]
+    def effective_blocks(self, weight: WeightState, shift):
+        """(rows, effective weight of those rows) covering the matrix, one block at a time (never the whole
+        quantized matrix at once: for lm_head that is a second copy of the vocabulary table)."""
+        return ((rows, self.effective_weight(weight.fmt, weight.gamma[rows], shift, rows)) for rows in self.row_blocks())
 
     def weight_bias(self, state: WeightState, act: ActState) -> torch.Tensor:
         shift = self.shift_of(act)
@@ -333,7 +334,7 @@ class LinearSearch:
         blocks = self.effective_blocks(weight, self.shift_of(act))
         return sum(self.row_losses(q, act, rows).sum().item() for rows, q in blocks)
 
-    def sample_loss_fn(self, blocks: list, fmt: FPFormat, candidates: int):
+    def sample_loss_fn(self, blocks, fmt: FPFormat, candidates: int):
         """loss(gamma [C]) -> output squared error on the token sample for activation multipliers gamma,
         with the effective weight held fixed (`blocks` from effective_blocks); `candidates` is about how
         many will be asked."""
@@ -345,15 +346,24 @@ class LinearSearch:
 
         gram_cost = out_features * in_features * (in_features + samples) + candidates * samples * in_features ** 2
         if gram_cost >= candidates * samples * in_features * out_features:
+            if self._sample_out is None:  # this branch serves narrow layers, whose outputs are small
+                self._sample_out = self.sample @ self.weight.T
+            kept = list(blocks)
+
             def direct(gamma):
                 xq = quantized(gamma)
-                return sum((xq @ q.T).sub_(self.sample_out[:, rows]).pow_(2).sum((-1, -2)) for rows, q in blocks)
+                return sum((xq @ q.T).sub_(self._sample_out[:, rows]).pow_(2).sum((-1, -2)) for rows, q in kept)
             return direct
         # Wide layers (gate/up, lm_head): ||Y - Xq W'||^2 = ||Y||^2 - 2<Xq, Y W> + <Xq W'W, Xq>, which costs
-        # samples * in^2 per candidate instead of samples * in * out.
-        gram = sum(q.T @ q for _, q in blocks)
-        target2 = 2 * sum(self.sample_out[:, rows] @ q for rows, q in blocks)
-        energy = self.sample_out.pow(2).sum()
+        # samples * in^2 per candidate instead of samples * in * out; Y = X W' is formed one row block at a time.
+        gram = torch.zeros(in_features, in_features, device=self.device)
+        target2 = torch.zeros(samples, in_features, device=self.device)
+        energy = torch.zeros((), device=self.device)
+        for rows, q in blocks:
+            out = self.sample @ self.weight[rows].T
+            gram.addmm_(q.T, q)
+            target2.addmm_(out, q, alpha=2)
+            energy += out.pow(2).sum()
 
         def loss(gamma):
             xq = quantized(gamma)
