@@ -297,7 +297,11 @@ class LinearSearch:
         """(Xq, (X W')') in direct form; (Xq'Xq, 2 (Xq' X W')') in Gram form."""
         key = act.key()
         if key not in self._terms_cache:
-            while len(self._terms_cache) >= 2:  # format selection compares two states
+            # Format selection compares two states; a wide layer's Gram-form cross term is as large as its
+            # weight (lm_head: the vocabulary table), so there only one state is kept and the other recomputed.
+            weight_mb = self.weight.numel() * 4 >> 20
+            keep = 2 if weight_mb <= memory_mb(self.settings, self.device) // 4 else 1
+            while len(self._terms_cache) >= keep:
                 self._terms_cache.pop(next(iter(self._terms_cache)))
             if self.direct:
                 x = self.inputs.to(self.device, torch.float32)
