@@ -522,12 +522,14 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
     with PeakMemory(model.device) as memory:
         set_quantized(model, False)
         hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, 1)
-        hidden = hidden.float()  # every block is calibrated in float32, whatever the model's dtype
+        # blocks are calibrated in float32 whatever the model's dtype (float64 stays float64)
+        work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        hidden = hidden.to(work)
         hidden_q = hidden
         for index, block in enumerate(tqdm(blocks, desc="FlatQuant blocks", disable=not progress)):
             block_start, prefix = time.perf_counter(), f"{adapter.layers}.{index}"
             dtype = next(block.parameters()).dtype
-            block.float()
+            block.to(work)
             targets, input_absmax = _group_input_absmax(block, adapter, hidden, call_kwargs)
             flat_block = FlatBlock(block, adapter, config, dims, generator).to(hidden.device)
             flat_block.install(block)
@@ -542,7 +544,7 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
                     write_matrices(matrix_path, metadata, written)
             flat_block.fold_into(block)
             del flat_block
-            losses = quantize_block_weights(block, adapter, config, hidden_q, call_kwargs)
+            losses = quantize_block_weights(block, adapter, config, hidden_q, call_kwargs) if config.w_bits < 16 else {}
             if release_originals:
                 for module in block.modules():
                     if isinstance(module, QuantLinear):
