@@ -353,8 +353,7 @@ def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs
         for _ in range(flat.epochs):
             total = 0.0
             for start in range(0, hidden.shape[0], flat.cali_bsz):
-                out = block(hidden[start:start + flat.cali_bsz], **call_kwargs)
-                out = out[0] if isinstance(out, tuple) else out
+                out = _run_block(block, hidden[start:start + flat.cali_bsz], call_kwargs, flat.cali_bsz)
                 loss = F.mse_loss(out.float(), targets[start:start + flat.cali_bsz].float())
                 (loss / loss.detach()).backward()  # unit-scale gradient: one lr fits every layer (spec A.5)
                 optimizer.step()
