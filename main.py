@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FPQ pre-shifted bias: folded into the weights (paper) or simulated (reference code)")
     q.add_argument("--shift_rounding", choices=["paper", "reference"], default=None,
                    help="k_j = round(b_j - rho) (paper) or round(b_j) - round(rho) (reference code)")
+    q.add_argument("--fp_numerics", choices=["paper", "reference"], default=None,
+                   help="FP clip (2 - 2^-M) 2^(2^E-1-b) (paper) or the reference code's 2 * 2^(2^E-1-b) and its step "
+                        "rounding (default: paper; reference when a reference .pt file is loaded)")
     q.add_argument("--act_search_tokens", type=int, default=None,
                    help="tokens used for the activation-bias search loss (default: all)")
     q.add_argument("--feed_quantized", action="store_true",
@@ -174,6 +177,8 @@ def make_config(args):
     changes = {"search": search, "feed_quantized": args.feed_quantized or config.feed_quantized}
     if args.preshift:
         changes["preshift"] = args.preshift
+    if args.fp_numerics:
+        changes["fp_numerics"] = args.fp_numerics
     if config.flat is not None:  # FlatQuant leaves the embedding table alone whatever --qbits says
         changes.update(flat=flat_settings(args, config), e_bits=16)
         if args.nsamples is None and args.calib_size is not None:
@@ -217,6 +222,8 @@ def run(args) -> dict:
         raise ValueError("--model_args needs pretrained=NAME_OR_PATH")
     name, device = model_args["pretrained"], resolve_device(args.device)
     config = None if args.fp_only else make_config(args)
+    if config is not None and args.only_eval and Path(args.ptq_param_path or "").suffix == ".pt":
+        config = reference_file_config(args, config)
     folder = output_folder(args, name)
     if args.tasks:  # load every task's data first: a task that cannot be had fails before calibration
         from utils import lm_eval_tasks
@@ -273,6 +280,20 @@ def run(args) -> dict:
         write_results(folder, result, lm_eval_output)
         print(f"results written to {folder}/results.json")
     return result
+
+
+def reference_file_config(args, config):
+    """A reference .pt file is evaluated as the reference code computes it (FP numerics and, for FPQ, the
+    simulated pre-shift), unless --fp_numerics says otherwise; a folded pre-shift cannot hold its values."""
+    from utils import params
+    if args.preshift == "folded":
+        raise ValueError("a reference .pt file holds the simulated pre-shift; drop --preshift folded")
+    adjusted = params.config_for_reference_file(args.ptq_param_path, config, None if args.fp_numerics else "reference")
+    print(f"reference parameter file: evaluating with fp_numerics={adjusted.fp_numerics}"
+          + (", preshift=simulated" if adjusted.method == "fpq" else "")
+          + (" (the reference code's clip 2 * 2^(2^E-1-b); --fp_numerics paper for the paper's)"
+             if not args.fp_numerics else ""))
+    return adjusted
 
 
 def run_flatquant(args, config, model, tokenizer, name) -> dict:

@@ -5,6 +5,7 @@ import importlib
 import pkgutil
 from dataclasses import asdict, dataclass, field, replace
 
+from quant_layers.formats import NUMERICS
 from quant_layers.search import SearchSettings
 
 METHODS = ("minmax", "fpq_baseline", "fpq", "flatquant")
@@ -71,6 +72,9 @@ class QuantConfig:
     # FPQ only: "simulated" keeps W and gives activations per-channel biases (the reference code);
     # "folded" moves the integer offsets 2^-k into W before quantizing it (the paper).
     preshift: str = "folded"
+    # "reference": FP formats compute as the released code does (quant_layers.formats: its clip value
+    # 2 * 2^(2^E - 1 - b) and step rounding); what its own parameter files need to reproduce.
+    fp_numerics: str = "paper"
     embedding_search: bool = True  # FPQ configs search the table's per-row bias and format
     quantize_lm_head: bool = True
     quantize_embedding: bool = True
@@ -85,6 +89,10 @@ class QuantConfig:
             raise ValueError("element must be 'fp', or 'int' with the minmax and flatquant methods")
         if (self.method == "flatquant") != (self.flat is not None):
             raise ValueError("the flatquant method needs FlatSettings (flat=...), and only it")
+        if self.fp_numerics not in NUMERICS or (self.fp_numerics == "reference" and
+                                                 (self.element != "fp" or self.method == "flatquant")):
+            raise ValueError(f"fp_numerics must be one of {NUMERICS}; 'reference' applies to the FP configs of "
+                             f"LLM-FP4 (MinMax, FPQ, FPQ baseline), got {self.fp_numerics!r} with {self.name}")
         if self.preshift not in ("simulated", "folded"):
             raise ValueError(f"preshift must be 'simulated' or 'folded', got {self.preshift!r}")
         for kind in ("w", "a", "e"):

@@ -3,6 +3,12 @@
 Everything here is pure tensor math (no modules, no model knowledge). The FP quantizer follows
 LLM-FP4 (spec 1.3): clip to the format's maximum, take the exponent with the subnormal clamp,
 round to the step of that binade (half to even). There is no Inf/NaN encoding.
+
+A format's `numerics` is "paper" (the formulas above) or "reference": what the released LLM-FP4 code
+computes. It evaluates the clip factor (2 - 2^-M) with M held as an int64 tensor, where the integer power
+2^-M truncates to 0 for M >= 1, so its maximum is 2 * 2^(2^E - 1 - b) and the top binade rounds up to that
+value, which the format does not have (M = 0 is unaffected); it also forms the step as 2.0 ** ((e - M) - b), which differs from exp2(e - (b + M))
+in the last bit. Its parameter files were searched under these numerics and only reproduce under them.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 # Absmax values below this are treated as this value, so an all-zero row or channel gets a large
 # finite bias (and quantizes to exact zeros) instead of +inf and then NaN.
 MIN_ABSMAX = 2.0 ** -32
+NUMERICS = ("paper", "reference")
 
 
 @dataclass(frozen=True)
@@ -22,16 +29,19 @@ class FPFormat:
 
     exponent_bits: int
     mantissa_bits: int
+    numerics: str = "paper"  # or "reference" (see the module docstring)
 
     def __post_init__(self):
         if self.exponent_bits < 1 or self.mantissa_bits < 0:
             raise ValueError(f"invalid FP format E{self.exponent_bits}M{self.mantissa_bits}: need E >= 1 and M >= 0")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"FP numerics must be one of {NUMERICS}, got {self.numerics!r}")
 
     @classmethod
-    def from_bits(cls, bits: int, exponent_bits: int) -> "FPFormat":
+    def from_bits(cls, bits: int, exponent_bits: int, numerics: str = "paper") -> "FPFormat":
         if not 2 <= bits <= 16 or not 1 <= exponent_bits <= bits - 1:
             raise ValueError(f"{bits}-bit FP needs 1 <= exponent bits <= {bits - 1}, got {exponent_bits}")
-        return cls(exponent_bits, bits - 1 - exponent_bits)
+        return cls(exponent_bits, bits - 1 - exponent_bits, numerics)
 
     @property
     def bits(self) -> int:
@@ -45,9 +55,23 @@ class FPFormat:
     def max_exponent_code(self) -> int:
         return 2 ** self.exponent_bits - 1
 
+    @property
+    def clip_factor(self) -> float:
+        if self.numerics == "reference":  # 2 - int(2^-M): the integer power truncates to 0 for M >= 1
+            return 2.0 - (self.mantissa_bits == 0)
+        return 2 - 2.0 ** -self.mantissa_bits
+
     def maxval(self, bias):
         """Largest magnitude at exponent bias `bias` (a float or tensor): (2 - 2^-M) * 2^(2^E - 1 - bias)."""
-        return (2 - 2.0 ** -self.mantissa_bits) * _exp2(self.max_exponent_code - bias)
+        if self.numerics == "reference":
+            return self.clip_factor * _pow2(self.max_exponent_code - bias)
+        return self.clip_factor * _exp2(self.max_exponent_code - bias)
+
+    def step(self, exponent: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """2^(exponent - M - bias), the spacing of the binade `exponent` (consumes `exponent` in place)."""
+        if self.numerics == "reference":
+            return torch.pow(2.0, exponent.sub_(self.mantissa_bits).sub_(bias))
+        return exponent.sub_(bias + self.mantissa_bits).exp2_()
 
     def bias_for_maxval(self, maxval):
         """The real exponent bias whose maxval equals `maxval` (the MinMax bias of a slice with that absmax)."""
@@ -55,11 +79,15 @@ class FPFormat:
             log_max = torch.log2(maxval.to(_compute_dtype(maxval)).clamp_min(MIN_ABSMAX))
         else:
             log_max = math.log2(max(maxval, MIN_ABSMAX))
-        return 2 ** self.exponent_bits - log_max + math.log2(2 - 2.0 ** -self.mantissa_bits) - 1
+        return 2 ** self.exponent_bits - log_max + math.log2(self.clip_factor) - 1
 
 
 def _exp2(x):
     return torch.exp2(x) if torch.is_tensor(x) else 2.0 ** x
+
+
+def _pow2(x):
+    return torch.pow(2.0, x) if torch.is_tensor(x) else 2.0 ** x
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -74,19 +102,21 @@ def fp_quantize(x: torch.Tensor, fmt: FPFormat, bias) -> torch.Tensor:
     clipped = torch.clamp(x.to(dtype), -maxval, maxval)  # a new tensor: the ops below work in place on it
     # exponent floor(log2|x| + bias), at least 1 (log2(0) = -inf lands in the subnormal binade), then the
     # step 2^(exponent - M - bias) of that binade
-    step = clipped.abs().log2_().add_(bias).floor_().clamp_min_(1).sub_(bias + fmt.mantissa_bits).exp2_()
+    step = fmt.step(clipped.abs().log2_().add_(bias).floor_().clamp_min_(1), bias)
     return clipped.div_(step).round_().mul_(step)
 
 
 def fp_grid(fmt: FPFormat, bias: float = 0.0) -> torch.Tensor:
-    """All non-negative values of `fmt` at `bias`, sorted (0, subnormals, normals up to maxval)."""
+    """All non-negative values of `fmt` at `bias`, sorted (0, subnormals, normals up to maxval; the reference
+    numerics add their clip value 2 * 2^(2^E - 1 - bias), which the top binade rounds up to)."""
     m_steps = 2 ** fmt.mantissa_bits
     sub = [k * 2.0 ** (1 - fmt.mantissa_bits - bias) for k in range(m_steps)]
     normal = [2.0 ** (e - bias) * (1 + m / m_steps) for e in range(1, fmt.max_exponent_code + 1) for m in range(m_steps)]
-    return torch.tensor(sorted(set(sub + normal)), dtype=torch.float64)
+    top = [fmt.maxval(bias)] if fmt.numerics == "reference" else []
+    return torch.tensor(sorted(set(sub + normal + top)), dtype=torch.float64)
 
 
-def fp_formats(bits: int, space: str = "paper") -> list[FPFormat]:
+def fp_formats(bits: int, space: str = "paper", numerics: str = "paper") -> list[FPFormat]:
     """Candidate formats for a `bits`-wide search.
 
     "paper": every split with E >= 1 (the paper excludes only E0, i.e. INT).
@@ -94,7 +124,7 @@ def fp_formats(bits: int, space: str = "paper") -> list[FPFormat]:
     """
     if space not in ("paper", "reference"):
         raise ValueError(f"format space must be 'paper' or 'reference', got {space!r}")
-    formats = [FPFormat(bits - 1 - m, m) for m in range(bits - 1)]  # E from bits-1 down to 1
+    formats = [FPFormat(bits - 1 - m, m, numerics) for m in range(bits - 1)]  # E from bits-1 down to 1
     if space == "reference" and bits == 8:
         formats = [f for f in formats if 2 <= f.mantissa_bits <= 6]
     return formats

@@ -103,6 +103,8 @@ def quantizer_to_state(q: nn.Module) -> tuple[dict, dict]:
     if isinstance(q, FPQuantizer):
         spec = {"kind": "fp", "exponent_bits": q.fmt.exponent_bits, "mantissa_bits": q.fmt.mantissa_bits,
                 "dynamic": q.dynamic}
+        if q.fmt.numerics != "paper":  # files written before the setting existed hold paper numerics
+            spec["numerics"] = q.fmt.numerics
         return spec, ({} if q.bias is None else {"bias": q.bias})
     if isinstance(q, IntQuantizer):
         spec = {"kind": "int", "bits": q.bits, "symmetric": q.symmetric, "dynamic": q.dynamic,
@@ -113,7 +115,7 @@ def quantizer_to_state(q: nn.Module) -> tuple[dict, dict]:
 
 def quantizer_from_state(spec: dict, tensors: dict) -> nn.Module:
     if spec["kind"] == "fp":
-        fmt = FPFormat(spec["exponent_bits"], spec["mantissa_bits"])
+        fmt = FPFormat(spec["exponent_bits"], spec["mantissa_bits"], spec.get("numerics", "paper"))
         return FPQuantizer(fmt, tensors.get("bias"), spec["dynamic"])
     if spec["kind"] == "int":
         return IntQuantizer(spec["bits"], spec["symmetric"], tensors.get("scale"), tensors.get("zero"),

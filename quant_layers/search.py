@@ -433,11 +433,11 @@ class LinearSearch:
             start = (weight.key(), act.key())
             for step in order:
                 if step == "w_bias":
-                    results = [self.search_weight_bias(f, act) for f in fp_formats(w_format.bits, space)]
+                    results = [self.search_weight_bias(f, act) for f in fp_formats(w_format.bits, space, w_format.numerics)]
                     w_candidates = [s for s, _ in results]
                     w_losses = {s.key(): loss for s, loss in results}
                 elif step == "a_bias":
-                    a_candidates = [self.search_act_bias(f, weight, act) for f in fp_formats(a_format.bits, space)]
+                    a_candidates = [self.search_act_bias(f, weight, act) for f in fp_formats(a_format.bits, space, a_format.numerics)]
                 elif step == "w_format":
                     weight = self.select_weight(w_candidates, weight, act, w_losses)
                 else:
@@ -480,7 +480,7 @@ def _pick(options, losses, incumbent):
     return options[best]
 
 
-def search_embedding(weight: torch.Tensor, bits: int, settings: SearchSettings) -> FPQuantizer:
+def search_embedding(weight: torch.Tensor, bits: int, settings: SearchSettings, numerics: str = "paper") -> FPQuantizer:
     """Per-row bias and one format minimising the table's own squared error (no data needed).
 
     Rows do not interact and nothing else changes between rounds, so one round gives the same
@@ -489,7 +489,7 @@ def search_embedding(weight: torch.Tensor, bits: int, settings: SearchSettings) 
     weight = weight.detach().float()
     gammas = settings.gammas().to(weight.device)
     best = None
-    for fmt in fp_formats(bits, settings.format_space):
+    for fmt in fp_formats(bits, settings.format_space, numerics):
         b_init = fmt.bias_for_maxval(weight.abs().amax(-1))
 
         def loss_fn(g, rows):

@@ -85,9 +85,9 @@ def calibrate_embedding(module: QuantEmbedding, config: QuantConfig):
     if config.element == "int":
         module.weight_quantizer = IntQuantizer.minmax(w, config.e_bits, "tensor")
     elif config.embedding_search and config.method != "minmax":
-        module.weight_quantizer = search_embedding(w, config.e_bits, config.search)
+        module.weight_quantizer = search_embedding(w, config.e_bits, config.search, config.fp_numerics)
     else:
-        module.weight_quantizer = FPQuantizer.minmax(w, FPFormat.from_bits(config.e_bits, config.e_exp), "tensor")
+        module.weight_quantizer = FPQuantizer.minmax(w, FPFormat.from_bits(config.e_bits, config.e_exp, config.fp_numerics), "tensor")
     module.freeze()
 
 
@@ -104,8 +104,8 @@ def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantCon
         return {}
     search = LinearSearch(w, inputs, config.search, per_channel=config.method == "fpq",
                           folded=config.method == "fpq" and config.preshift == "folded", shared=shared)
-    w_fmt = FPFormat.from_bits(config.w_bits, config.w_exp) if quant_w else None
-    a_fmt = FPFormat.from_bits(config.a_bits, config.a_exp) if quant_a else None
+    w_fmt = FPFormat.from_bits(config.w_bits, config.w_exp, config.fp_numerics) if quant_w else None
+    a_fmt = FPFormat.from_bits(config.a_bits, config.a_exp, config.fp_numerics) if quant_a else None
     order = BIAS_FIRST if config.method == "fpq" else WEIGHT_FIRST
     weight, act, report = search.run(w_fmt, a_fmt, order, search=config.method != "minmax")
     module.weight_quantizer = search.weight_quantizer(weight, act) if quant_w else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,7 +47,8 @@ def default_path(root: str | Path, config: QuantConfig, model_name: str, fingerp
     model_dir = model_folder(model_name, fingerprint)
     w, a, e, we, ae, ee = config.qbits
     name = (f"W{w}A{a}E{e}_exp{we}{ae}{ee}_round{s.rounds}_gamma{s.gamma_low:g}-{s.gamma_high:g}-{s.n_candidates}"
-            f"_{s.grid}-{s.strategy}_{config.preshift}_{calib}.safetensors")
+            f"_{s.grid}-{s.strategy}_{config.preshift}{'_refnumerics' if config.fp_numerics == 'reference' else ''}"
+            f"_{calib}.safetensors")
     return Path(root) / config.name / model_dir / name
 
 
@@ -142,38 +144,123 @@ def _same_model(saved: dict, current: dict) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=1e-6)
 
 
-def load_reference_pt(path: Path, model, config: QuantConfig):
-    """Read a parameter file written by the reference code (flat state-dict subset, spec sec. 5.4)."""
+REFERENCE_CONFIGS = {"minmax": "MinMax_config_llama", "fpq_baseline": "FPQ_baseline_config_llama",
+                     "fpq": "FPQ_config_llama"}
+OPERAND_KEYS = {"w": ("w_exponent_bit", "w_mantissa_bit"), "a": ("a_exponent_bit", "a_mantissa_bit"),
+                "e": ("exponent_bit", "mantissa_bit")}
+
+
+def read_reference_pt(path: str | Path) -> dict:
+    """The tensors of a reference parameter file (never unpickling anything but tensors)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle that weights_only refuses, or a corrupt file
         raise ParamFileError(f"{path} is not a loadable reference parameter file ({type(error).__name__})") from None
-    modules = quant_modules(model)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ParamFileError(f"{path} is not a reference parameter file (not a dict of tensors)")
+    return state
+
+
+def reference_methods(state: dict) -> tuple[str, ...]:
+    """Which reference configs may have written the file: FPQ saves per-channel `a_bias`; MinMax a scalar
+    table bias, the FPQ baseline per-row ones (without a table the two cannot be told apart)."""
+    if any(key.endswith(".a_bias") for key in state):
+        return ("fpq",)
+    tables = [v for key, v in state.items() if key.endswith(".interval")]
+    if not tables:
+        return ("minmax", "fpq_baseline")
+    return ("minmax",) if all(t.numel() == 1 for t in tables) else ("fpq_baseline",)
+
+
+def reference_formats(state: dict) -> dict:
+    """{(module, operand "w"/"a"/"e"): (exponent bits, mantissa bits)} as the file stores them."""
+    formats = {}
+    for key in state:
+        module, _, leaf = key.rpartition(".")
+        for operand, (e_key, m_key) in OPERAND_KEYS.items():
+            if leaf == e_key and f"{module}.{m_key}" in state:
+                formats[module, operand] = (int(state[key]), int(state[f"{module}.{m_key}"]))
+    return formats
+
+
+def check_reference_file(path, state: dict, config: QuantConfig):
+    """Refuse a reference file written under another config or other bit widths than `config`'s."""
+    methods, formats = reference_methods(state), reference_formats(state)
+    bits = {operand: sorted({1 + e + m for (_, op), (e, m) in formats.items() if op == operand}) for operand in "wae"}
+    exponents = {operand: sorted({e for (_, op), (e, _) in formats.items() if op == operand}) for operand in "wae"}
+    held = "W{}A{}E{}".format(*("/".join(map(str, bits[op])) or "-" for op in "wae"))
+    if config.method not in methods or config.element != "fp":
+        names = " or ".join(REFERENCE_CONFIGS[m] for m in methods)
+        raise ParamFileError(f"{path} holds the reference's {names} parameters ({held}), not {config.name}'s; "
+                             f"pass --quant_config {names}")
+    wanted = {"w": config.w_bits, "a": config.a_bits, "e": config.e_bits}
+    if any(bits[op] != [wanted[op]] for op in "wae"):
+        raise ParamFileError(f"{path} holds {held} parameters, not W{config.w_bits}A{config.a_bits}E{config.e_bits}; "
+                             "pass the --qbits it was calibrated with")
+    if config.method == "minmax":
+        exp_wanted = {"w": config.w_exp, "a": config.a_exp, "e": config.e_exp}
+        if any(exponents[op] != [exp_wanted[op]] for op in "wae"):
+            held_exp = " ".join("/".join(map(str, exponents[op])) for op in "wae")
+            raise ParamFileError(f"{path} holds MinMax formats with exponent bits {held_exp} (W A E), not "
+                                 f"{config.w_exp} {config.a_exp} {config.e_exp}; pass those in --qbits")
+
+
+def config_for_reference_file(path, config: QuantConfig, numerics: str | None = "reference") -> QuantConfig:
+    """`config` as the reference code evaluates a file of its own: FP formats with its numerics (its files
+    were searched under them) and, for FPQ, the simulated pre-shift it implements. `numerics=None` keeps
+    the config's numerics. Refuses a file of another config or other bit widths."""
+    check_reference_file(path, read_reference_pt(path), config)
+    changes = {"fp_numerics": numerics or config.fp_numerics}
+    if config.method == "fpq":
+        changes["preshift"] = "simulated"
+    return replace(config, **changes)
+
+
+def load_reference_pt(path: Path, model, config: QuantConfig):
+    """Read a parameter file written by the reference code (flat state-dict subset, spec sec. 5.4) into
+    quantizers with `config.fp_numerics` (see config_for_reference_file for the reference's own)."""
+    state = read_reference_pt(path)
+    check_reference_file(path, state, config)
     device = next(model.parameters()).device
-    for name, module in modules.items():
-        def get(key):
-            return state.get(f"{name}.{key}")
+
+    def get(name, key, rows=None):
+        value = state.get(f"{name}.{key}")
+        if value is None:
+            raise ParamFileError(f"{path} has no entry {name}.{key}; is it from another model?")
+        value = value.float()
+        if rows is not None and value.numel() not in rows:
+            raise ParamFileError(f"{path}: {name}.{key} has {value.numel()} values where this model needs "
+                                 f"{' or '.join(map(str, rows))}; pass the file of this model")
+        if not torch.isfinite(value).all():
+            raise ParamFileError(f"{path}: {name}.{key} holds non-finite values; re-run the calibration")
+        return value.to(device)
+
+    def fmt(name, operand):
+        e_key, m_key = OPERAND_KEYS[operand]
+        return FPFormat(int(get(name, e_key)), int(get(name, m_key)), config.fp_numerics)
+
+    for name, module in quant_modules(model).items():
         if isinstance(module, QuantEmbedding):
-            if get("interval") is None:
-                raise ParamFileError(f"{path} has no entry for {name}; is it from another model?")
-            fmt = FPFormat(int(get("exponent_bit")), int(get("mantissa_bit")))
-            bias = get("interval").float()
-            module.weight_quantizer = FPQuantizer(fmt, (bias.reshape(-1, 1) if bias.numel() > 1 else bias.reshape(()))
-                                                  .to(device))
+            bias = get(name, "interval", (1, module.num_embeddings))
+            module.weight_quantizer = FPQuantizer(fmt(name, "e"), bias.reshape(-1, 1) if bias.numel() > 1
+                                                  else bias.reshape(()))
         else:
-            if get("w_interval") is None:
-                raise ParamFileError(f"{path} has no entry for {name}; is it from another model?")
-            w_fmt = FPFormat(int(get("w_exponent_bit")), int(get("w_mantissa_bit")))
-            a_fmt = FPFormat(int(get("a_exponent_bit")), int(get("a_mantissa_bit")))
-            module.weight_quantizer = FPQuantizer(w_fmt, get("w_interval").float().reshape(-1, 1).to(device))
-            rho = get("a_interval").float().reshape(())
-            if get("a_bias") is not None:  # FPQ: the reference's integer offsets round(b_j) - round(rho)
-                zero_point = get("a_interval_zero_point")
-                zero_point = torch.round(rho) if zero_point is None else zero_point.float().reshape(())
-                shift = (torch.round(get("a_bias").float().reshape(-1)) - zero_point).clamp(0, a_fmt.max_exponent_code)
-                bias = rho + shift
-            else:
-                bias = rho
-            module.act_quantizer = FPQuantizer(a_fmt, bias.to(device))
+            module.weight_quantizer = FPQuantizer(fmt(name, "w"), get(name, "w_interval", (module.out_features,))
+                                                  .reshape(-1, 1))
+            module.act_quantizer = FPQuantizer(fmt(name, "a"), reference_act_bias(state, name, get, fmt(name, "a"),
+                                                                                module.in_features))
         module.freeze()
     return {"model": "reference .pt", "config": {"name": config.name}}
+
+
+def reference_act_bias(state, name, get, a_fmt: FPFormat, in_features: int) -> torch.Tensor:
+    """The activation bias the reference computes: rho, or with FPQ's per-channel b_j the effective
+    clamp(round(b_j), round(rho), round(rho) + 2^E - 1) - zero_point + rho (zero_point = round(rho) as saved)."""
+    rho = get(name, "a_interval", (1,)).reshape(())
+    if f"{name}.a_bias" not in state:
+        return rho
+    zero_point = get(name, "a_interval_zero_point", (1,)).reshape(()) if f"{name}.a_interval_zero_point" in state \
+        else torch.round(rho)
+    channel_bias = get(name, "a_bias", (in_features,)).reshape(-1)
+    low = torch.round(rho)
+    return torch.clamp(torch.round(channel_bias), low, low + a_fmt.max_exponent_code) - zero_point + rho
