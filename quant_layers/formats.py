@@ -7,8 +7,8 @@ round to the step of that binade (half to even). There is no Inf/NaN encoding.
 A format's `numerics` is "paper" (the formulas above) or "reference": what the released LLM-FP4 code
 computes. It evaluates the clip factor (2 - 2^-M) with M held as an int64 tensor, where the integer power
 2^-M truncates to 0 for M >= 1, so its maximum is 2 * 2^(2^E - 1 - b) and the top binade rounds up to that
-value, which the format does not have (M = 0 is unaffected); it also forms the step as 2.0 ** ((e - M) - b), which differs from exp2(e - (b + M))
-in the last bit. Its parameter files were searched under these numerics and only reproduce under them.
+value, which the format does not have (M = 0 is unaffected); it also forms the step as 2.0 ** ((e - M) - b),
+which differs from exp2(e - (b + M)) in the last bit. Its parameter files were searched under these numerics and only reproduce under them.
 """
 from __future__ import annotations
 
