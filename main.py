@@ -323,10 +323,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
-    from utils.errors import USER_ERRORS
+    from utils.errors import UserError
     try:
         run(args)
-    except USER_ERRORS as error:
+    except (UserError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"total time {time.perf_counter() - started:.1f} s")

@@ -18,6 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Asset:
@@ -54,7 +56,7 @@ ASSETS = {
 }
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     pass
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from .assets import asset_path
+from .errors import UserError
 
 HUB_DATASETS = ("c4", "wikitext2", "pile")
 OFFLINE_DATASETS = ("enwiki", "enwiki-heldout", "abcnews")
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(UserError, RuntimeError):
     pass
 
 

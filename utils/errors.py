@@ -1,8 +1,13 @@
-"""Errors that are the user's to fix: main.py prints them as one line instead of a traceback."""
-from .assets import AssetError
-from .data import DatasetUnavailable
-from .lm_eval_tasks import TaskUnavailable
-from .models import UnsupportedModel
-from .params import ParamFileError
+"""Errors that are the user's to fix: main.py prints them as one line (exit 2) instead of a traceback.
 
-USER_ERRORS = (AssetError, DatasetUnavailable, TaskUnavailable, UnsupportedModel, ParamFileError, FileNotFoundError, ValueError)
+This module imports nothing of the project, so any module may raise these without an import cycle. Anything
+that is not a `UserError` is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input, files or environment that the message tells how to fix."""
+
+
+class UsageError(UserError, ValueError):
+    """A flag, config value or argument out of range, or two that contradict each other."""

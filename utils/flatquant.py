@@ -33,11 +33,12 @@ from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_fact
 
 from .calibrate import CalibrationReport, PeakMemory, _capture_block_inputs, _run_block, set_quantized
 from .models import ModelAdapter, adapter_for, get_module, set_module
+from .errors import UserError
 
 MATRIX_FORMAT = 1
 
 
-class MatrixFileError(ValueError):
+class MatrixFileError(UserError, ValueError):
     pass
 
 

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from .assets import ASSETS, asset_path, cache_dir
+from .errors import UserError
 
 # LLM-FP4 Table 1 averages `acc` over these six (OpenBookQA is run by its scripts but not averaged).
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
@@ -21,7 +22,7 @@ ALIASES = {"math500": "minerva_math500"}
 LOCAL_SUFFIX = "_local"
 
 
-class TaskUnavailable(ValueError):
+class TaskUnavailable(UserError, ValueError):
     pass
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .assets import asset_path, cache_dir
+from .errors import UserError
 
 OFFLINE_MODEL = "smollm2-135m-offline"  # the default model: the asset `python -m utils.assets` fetches
 QWEN_OFFLINE_MODEL = "qwen2.5-coder-0.5b-offline"  # opt-in: `python -m utils.assets qwen2.5-coder-0.5b-gguf`
@@ -46,7 +47,7 @@ LLAMA_LIKE = ModelAdapter()
 ADAPTERS = {"llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "qwen3": LLAMA_LIKE}
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UserError, ValueError):
     pass
 
 

@@ -21,12 +21,13 @@ from quant_layers.quantizers import quantizer_from_state, quantizer_to_state
 
 from .calibrate import quant_modules
 from .models import model_fingerprint
+from .errors import UserError
 
 FORMAT_VERSION = 1
 SLOTS = ("weight_quantizer", "act_quantizer")
 
 
-class ParamFileError(ValueError):
+class ParamFileError(UserError, ValueError):
     pass
 
 
