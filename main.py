@@ -215,7 +215,7 @@ def run(args) -> dict:
     import torch
     from utils import data, evaluation, models, params
     from utils.calibrate import prepare_model, quantize, release_originals
-    from utils.report import format_table, write_results
+    from utils.report import check_finite_results, format_table, write_results
 
     model_args = models.parse_model_args(args.model_args)
     if "pretrained" not in model_args:
@@ -275,6 +275,7 @@ def run(args) -> dict:
         result["evaluation_seconds"] = round(evaluated["seconds"], 2)
         lm_eval_output = evaluated["output"]
     result["versions"] = params.versions()
+    check_finite_results(result)
     print(format_table(result))
     if folder is not None:
         write_results(folder, result, lm_eval_output)

@@ -11,3 +11,11 @@ class UserError(Exception):
 
 class UsageError(UserError, ValueError):
     """A flag, config value or argument out of range, or two that contradict each other."""
+
+
+class ParamFileError(UserError, ValueError):
+    """A parameter file that does not exist, is corrupt, or does not fit the model or the requested config."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a message of what was saved and how to continue; main.py prints it and exits 130."""

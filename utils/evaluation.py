@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .report import check_finite_results
+
 
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
@@ -22,4 +24,6 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int
         logits = model(ids, use_cache=False).logits[0, :-1].float()
         total_nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         count += seqlen - 1
-    return float(torch.exp(torch.tensor(total_nll / count)))
+    value = float(torch.exp(torch.tensor(total_nll / count)))
+    check_finite_results({"ppl": {desc: value}})  # at once, not after every other evaluation
+    return value

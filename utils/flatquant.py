@@ -34,6 +34,7 @@ from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_fact
 from .calibrate import CalibrationReport, PeakMemory, _capture_block_inputs, _run_block, set_quantized
 from .models import ModelAdapter, adapter_for, get_module, set_module
 from .errors import UserError
+from .files import atomic_write
 
 MATRIX_FORMAT = 1
 
@@ -475,15 +476,11 @@ def read_matrices(path, expected: dict) -> dict:
 
 
 def write_matrices(path, metadata: dict, blocks: dict):
-    """blocks: {index: (prefix, tensors)}; written to a temporary name, then renamed (a crash never leaves half a file)."""
-    from pathlib import Path
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """blocks: {index: (prefix, tensors)}; written atomically (a crash or a second run never leaves half a file)."""
     tensors = {k: v for _, values in blocks.values() for k, v in values.items()}
     meta = {**metadata, "blocks": {str(i): prefix for i, (prefix, _) in blocks.items()}}
-    partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial), metadata={"flatquant": json.dumps(meta, default=str)})
-    partial.replace(path)
+    atomic_write(path, lambda temporary: save_file(tensors, str(temporary),
+                                                   metadata={"flatquant": json.dumps(meta, default=str)}))
 
 
 @torch.no_grad()

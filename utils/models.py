@@ -51,6 +51,10 @@ class UnsupportedModel(UserError, ValueError):
     pass
 
 
+class NonFiniteWeights(UserError, ValueError):
+    pass
+
+
 def adapter_for(model) -> ModelAdapter:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ADAPTERS:
@@ -108,10 +112,21 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
     if not use_accelerate:
         model.to(device)
     _own_cpu_tensors(model)
+    check_finite_weights(model, name)
     model.eval()
     model.requires_grad_(False)
     model.name_or_path = name
     return model, tokenizer
+
+
+def check_finite_weights(model, name: str):
+    """Refuse a checkpoint holding NaN or infinite weights: calibrated and evaluated, it would only give a
+    perplexity of nan. One tensor at a time, so the check needs no second copy of the model."""
+    for tensor_name, tensor in model.named_parameters():
+        bad = int((~torch.isfinite(tensor.detach())).sum())
+        if bad:
+            raise NonFiniteWeights(f"model {name}: weight {tensor_name} holds {bad} NaN or infinite values of "
+                                   f"{tensor.numel()}; the checkpoint is corrupt, download or convert it again")
 
 
 def _own_cpu_tensors(model):

@@ -21,14 +21,12 @@ from quant_layers.quantizers import quantizer_from_state, quantizer_to_state
 
 from .calibrate import quant_modules
 from .models import model_fingerprint
-from .errors import UserError
+from .errors import ParamFileError
+from .files import atomic_write
+from .param_checks import check_module
 
 FORMAT_VERSION = 1
 SLOTS = ("weight_quantizer", "act_quantizer")
-
-
-class ParamFileError(UserError, ValueError):
-    pass
 
 
 def versions() -> dict:
@@ -61,21 +59,18 @@ def model_folder(model_name: str, fingerprint: dict) -> str:
 
 
 def save_params(path: str | Path, model, config: QuantConfig, model_name: str, extra: dict | None = None,
-                fingerprint: dict | None = None):
+                fingerprint: dict | None = None, partial: dict | None = None):
     """Write the quantizers of a calibrated model. `fingerprint` is `model_fingerprint` of the model as
-    loaded (needed when quantize() released its full-precision weights)."""
+    loaded (needed when quantize() released its full-precision weights). `partial` (e.g. {"blocks_done": 3,
+    "blocks": 32}) marks the file of an unfinished calibration: it holds only the modules calibrated so far,
+    `load_params` refuses it and `--resume` continues it. The file is written atomically."""
     path = Path(path)
     fingerprint = fingerprint or model_fingerprint(model)
-    if path.exists():
-        try:
-            old = read_metadata(path)
-        except ParamFileError:
-            old = {}
-        if "fingerprint" in old and not _same_model(old["fingerprint"], fingerprint):
-            raise ParamFileError(f"{path} holds parameters of another model ({old.get('model')}); "
-                                 "choose another --ptq_param_path")
+    check_overwrite(path, fingerprint)
     modules, tensors = {}, {}
     for name, module in quant_modules(model).items():
+        if partial is not None and module.quantized_weight is None:
+            continue  # not calibrated yet
         entry = {"type": type(module).__name__}
         for slot in SLOTS:
             quantizer = getattr(module, slot, None)
@@ -88,9 +83,22 @@ def save_params(path: str | Path, model, config: QuantConfig, model_name: str, e
         modules[name] = entry
     metadata = {"model": model_name, "fingerprint": fingerprint, "config": config.to_dict(),
                 "qbits": config.qbits, "versions": versions(), "modules": modules, **(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"llm_fp4": json.dumps(metadata, default=str)})
-    return path
+    if partial is not None:
+        metadata["partial"] = partial
+    header = {"llm_fp4": json.dumps(metadata, default=str)}
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
+
+
+def check_overwrite(path: Path, fingerprint: dict):
+    """Never overwrite the parameter file of another model (checked before calibrating, and when saving)."""
+    if path.exists():
+        try:
+            old = read_metadata(path)
+        except ParamFileError:
+            old = {}
+        if "fingerprint" in old and not _same_model(old["fingerprint"], fingerprint):
+            raise ParamFileError(f"{path} holds parameters of another model ({old.get('model')}); "
+                                 "choose another --ptq_param_path")
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -103,14 +111,20 @@ def read_metadata(path: str | Path) -> dict:
                              "re-run calibration or pass a valid --ptq_param_path") from None
 
 
-def load_params(path: str | Path, model, config: QuantConfig, check_model: bool = True):
-    """Install saved quantizers into a model prepared for `config`; no calibration pass is needed."""
+def load_params(path: str | Path, model, config: QuantConfig, check_model: bool = True, partial_ok: bool = False):
+    """Install saved quantizers into a model prepared for `config`; no calibration pass is needed. Every
+    quantizer is checked against the model and config first (utils/param_checks.py). The file of an
+    unfinished calibration is refused unless `partial_ok` (then its modules are installed, the rest left)."""
     path = Path(path)
     if not path.exists():
         raise ParamFileError(f"--ptq_param_path {path} does not exist")
     if path.suffix == ".pt":
         return load_reference_pt(path, model, config)
     meta = read_metadata(path)
+    if "partial" in meta and not partial_ok:
+        done = meta["partial"]
+        raise ParamFileError(f"{path} is an unfinished calibration ({done.get('blocks_done')} of "
+                             f"{done.get('blocks')} blocks); finish it with --resume")
     if meta["config"]["name"] != config.name or meta["qbits"] != config.qbits:
         raise ParamFileError(f"{path} was made with {meta['config']['name']} --qbits {meta['qbits']}, not "
                              f"{config.name} --qbits {config.qbits}; pass the same --quant_config and --qbits")
@@ -122,8 +136,11 @@ def load_params(path: str | Path, model, config: QuantConfig, check_model: bool 
     except SafetensorError as error:
         raise ParamFileError(f"{path} is corrupt ({error}); re-run calibration") from None
     modules = quant_modules(model)
-    if set(modules) != set(meta["modules"]):
+    covered = set(meta["modules"]) <= set(modules) if "partial" in meta else set(meta["modules"]) == set(modules)
+    if not covered:
         raise ParamFileError(f"{path} does not cover this model's quantized modules; pass the file of this model")
+    for name, entry in meta["modules"].items():
+        check_module(path, name, entry, modules[name], tensors, config)
     device = next(model.parameters()).device
     for name, entry in meta["modules"].items():
         module = modules[name]
@@ -228,6 +245,9 @@ def load_reference_pt(path: Path, model, config: QuantConfig):
         value = state.get(f"{name}.{key}")
         if value is None:
             raise ParamFileError(f"{path} has no entry {name}.{key}; is it from another model?")
+        if not key.endswith("_bit") and not value.is_floating_point():
+            raise ParamFileError(f"{path}: {name}.{key} has dtype {value.dtype}, not a floating-point type; "
+                                 "pass a parameter file written by the reference code")
         value = value.float()
         if rows is not None and value.numel() not in rows:
             raise ParamFileError(f"{path}: {name}.{key} has {value.numel()} values where this model needs "
@@ -238,7 +258,7 @@ def load_reference_pt(path: Path, model, config: QuantConfig):
 
     def fmt(name, operand):
         e_key, m_key = OPERAND_KEYS[operand]
-        return FPFormat(int(get(name, e_key)), int(get(name, m_key)), config.fp_numerics)
+        return FPFormat(int(get(name, e_key, (1,))), int(get(name, m_key, (1,))), config.fp_numerics)
 
     for name, module in quant_modules(model).items():
         if isinstance(module, QuantEmbedding):

@@ -2,7 +2,27 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from .errors import UserError
+from .files import atomic_write_text
+
+
+class NonFiniteResult(UserError, ArithmeticError):
+    pass
+
+
+def check_finite_results(result: dict):
+    """Refuse to report a perplexity or lm-eval metric that is NaN or infinite: it is never a result, but a
+    sign of non-finite quantizer parameters or weights, or of an overflow in half precision."""
+    values = [(f"perplexity on {name}", value) for name, value in result.get("ppl", {}).items()]
+    values += [(f"lm-eval task {task}, metric {metric},", value) for task, metrics in (result.get("tasks") or {}).items()
+               for metric, value in metrics.items() if "_stderr" not in metric]
+    for what, value in values:
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise NonFiniteResult(f"{what} is {value}: the quantized model's outputs are not finite; check the "
+                                  "parameter file and the weights, or evaluate with dtype=float32")
 
 
 def format_table(result: dict) -> str:
@@ -28,8 +48,7 @@ def format_table(result: dict) -> str:
 
 def write_results(folder: Path, result: dict, lm_eval_output: dict | None = None):
     """results.json, results.md and, after --tasks, lm-eval's own full output (lm_eval_output.json)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(folder / "results.json", json.dumps(result, indent=2, default=str))
     if lm_eval_output is not None:
-        (folder / "lm_eval_output.json").write_text(json.dumps(lm_eval_output, indent=2, default=str))
-    (folder / "results.md").write_text(format_table(result) + "\n")
+        atomic_write_text(folder / "lm_eval_output.json", json.dumps(lm_eval_output, indent=2, default=str))
+    atomic_write_text(folder / "results.md", format_table(result) + "\n")
