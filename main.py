@@ -14,6 +14,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from utils.files import check_output_file, check_output_folder
+
 EMBEDDED_DEFAULT = ["--model_args", "pretrained=smollm2-135m-offline", "--quant_config", "FPQ_config_llama",
                     "--qbits", "4", "4", "4", "2", "2", "2", "--calib_dataset", "enwiki", "--calib_size", "32",
                     "--calib_seqlen", "512", "--search_strategy", "coarse", "--act_search_tokens", "512",
@@ -142,7 +144,9 @@ def add_flatquant_flags(p):
     f.add_argument("--save_matrix", action="store_true", help="accepted: the matrices are always saved")
     f.add_argument("--reload_matrix", action="store_true", help="load every block's matrices, no training")
     f.add_argument("--matrix_path", default=None, help="matrix file, or a folder holding flat_matrices.safetensors")
-    f.add_argument("--resume", action="store_true", help="keep the blocks already in the matrix file, train the rest")
+    f.add_argument("--resume", action="store_true",
+                   help="continue an interrupted calibration: keep the blocks already in the parameter (FPQ, MinMax) "
+                        "or matrix (FlatQuant) file, calibrate the rest")
     f.add_argument("--deactive_amp", action="store_true", help="accepted: calibration always runs in float32")
     f.add_argument("--lm_eval", action="store_true", help="accepted: lm-eval runs whenever --tasks is given")
 
@@ -196,11 +200,27 @@ def resolve_device(requested):
     return requested
 
 
+def check_param_output(args, config):
+    """The parameter or matrix file calibration writes, checked before the model loads: found unwritable only
+    after calibrating, the work would be lost. Calibration writes safetensors, never .pt."""
+    if config is None or args.only_eval or args.reload_matrix:
+        return
+    flag = "--matrix_path" if args.matrix_path else "--ptq_param_path"
+    given = args.matrix_path or args.ptq_param_path
+    if given is None:
+        check_output_folder("search_result", "the default parameter folder")
+    elif config.method == "flatquant" and (Path(given).is_dir() or not Path(given).suffix):
+        check_output_folder(given, flag)  # a folder that receives flat_matrices.safetensors
+    else:
+        check_output_file(given, flag, ".safetensors")
+
+
 def output_folder(args, model_name):
     if args.output_path is None:
         return None
     folder = Path(args.output_path)
     folder = folder.parent if folder.suffix == ".json" else folder
+    check_output_folder(folder, "--output_path")
     existing = folder / "results.json"
     if existing.exists():
         previous = json.loads(existing.read_text()).get("model")
@@ -213,8 +233,8 @@ def run(args) -> dict:
     from utils.hub import hub_offline
     offline = hub_offline()  # before the hub libraries are imported: offline, hub names fail at once
     import torch
-    from utils import data, evaluation, models, params
-    from utils.calibrate import prepare_model, quantize, release_originals
+    from utils import data, evaluation, models, params, resume
+    from utils.calibrate import prepare_model, release_originals
     from utils.report import check_finite_results, format_table, write_results
 
     model_args = models.parse_model_args(args.model_args)
@@ -225,6 +245,7 @@ def run(args) -> dict:
     if config is not None and args.only_eval and Path(args.ptq_param_path or "").suffix == ".pt":
         config = reference_file_config(args, config)
     folder = output_folder(args, name)
+    check_param_output(args, config)
     if args.tasks:  # load every task's data first: a task that cannot be had fails before calibration
         from utils import lm_eval_tasks
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -246,16 +267,17 @@ def run(args) -> dict:
         calib_size = args.calib_size or 32
         calib_tag = f"{Path(args.calib_dataset).stem}{calib_size}x{args.calib_seqlen}s{args.seed}"
         path = Path(args.ptq_param_path or params.default_path("search_result", config, name, fingerprint, calib_tag))
-        if args.only_eval or (args.reuse_params and path.exists()):
+        resuming = args.resume or args.reuse_params  # an unfinished file of these settings is continued
+        if args.only_eval or (resuming and path.exists() and not resume.is_unfinished(path)):
             params.load_params(path, model, config)
             release_originals(model)
             print(f"loaded quantization parameters from {path}")
         else:
             calib = data.calibration_samples(tokenizer, args.calib_dataset, calib_size, args.calib_seqlen, args.seed)
-            report = quantize(model, config, calib, adapter, release_originals=True)
-            params.save_params(path, model, config, name, {"calibration": {
-                "dataset": args.calib_dataset, "size": calib_size, "seqlen": args.calib_seqlen,
-                "seed": args.seed}}, fingerprint=fingerprint)
+            extra = {"calibration": {"dataset": args.calib_dataset, "size": calib_size, "seqlen": args.calib_seqlen,
+                                     "seed": args.seed}}
+            report, path = resume.calibrate_resumable(model, config, calib, adapter, path, name, extra, fingerprint,
+                                                      resuming)
             print(f"saved quantization parameters to {path}")
             result["calibration"] = report.to_dict()
         result["param_path"] = str(path)
@@ -300,7 +322,9 @@ def reference_file_config(args, config):
 def run_flatquant(args, config, model, tokenizer, name) -> dict:
     """Calibrate (or resume, or reload) FlatQuant; the matrix file is the saved artifact."""
     from utils import data, models
+    from utils.errors import Interrupted
     from utils.flatquant import default_matrix_path, flat_quantize
+    from utils.resume import RESUME_HINT, matrix_blocks_saved
     fingerprint = models.model_fingerprint(model)
     calib_tag = f"{Path(args.calib_dataset).stem}{config.flat.nsamples}x{args.calib_seqlen}s{args.seed}"
     path = args.matrix_path or args.ptq_param_path
@@ -311,7 +335,11 @@ def run_flatquant(args, config, model, tokenizer, name) -> dict:
     needs_data = mode != "reload" or config.flat.weight_quantizer != "rtn"  # GPTQ / the search need inputs
     calib = data.calibration_samples(tokenizer, args.calib_dataset, config.flat.nsamples if needs_data else 1,
                                      args.calib_seqlen, args.seed)
-    report = flat_quantize(model, config, calib, path, name, fingerprint, mode=mode, release_originals=True)
+    try:
+        report = flat_quantize(model, config, calib, path, name, fingerprint, mode=mode, release_originals=True)
+    except KeyboardInterrupt:
+        raise Interrupted(f"FlatQuant calibration interrupted; {matrix_blocks_saved(path)} blocks are saved in "
+                          f"{path}; {RESUME_HINT}") from None
     print(f"FlatQuant matrices: {path} ({mode})")
     return {"calibration": report.to_dict(), "param_path": str(path)}
 
@@ -330,6 +358,9 @@ def main(argv=None):
     except (UserError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: what was saved and how to continue, no traceback
+        print(f"interrupted: {str(interrupt) or 'Ctrl-C'}", file=sys.stderr)
+        return 130
     print(f"total time {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -165,12 +165,18 @@ def _capture_linear_inputs(block, group_heads, hidden, call_kwargs, batch_size):
 
 @torch.no_grad()
 def quantize(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,
-             batch_size: int = 1, progress: bool = True, release_originals: bool = False) -> CalibrationReport:
+             batch_size: int = 1, progress: bool = True, release_originals: bool = False,
+             restored_blocks: int = 0, after_block=None) -> CalibrationReport:
     """Calibrate `model` in place for `config` on token windows `calib_data` [N, T]; returns a report.
 
     Library entry point: after it returns, the model runs fake-quantized. With `release_originals` each
     module drops its full-precision weight once calibrated (one copy of the weights in memory instead of
     two; the model can no longer run unquantized: take `model_fingerprint` before, if needed).
+
+    Resuming (FPQ / MinMax): `after_block(index, blocks)` is called after each finished block (to save the
+    parameters so far); `restored_blocks` says that the table and the first blocks already hold the
+    quantizers of an interrupted run of the same settings (see load_params(partial_ok=True)): they are not
+    searched again, only run, so later blocks see the inputs the uninterrupted run gave them.
     """
     if config.method == "flatquant":  # trains and folds transforms; see utils/flatquant.py
         from .flatquant import flat_quantize
@@ -179,13 +185,14 @@ def quantize(model, config: QuantConfig, calib_data: torch.Tensor, adapter: Mode
     adapter = prepare_model(model, config, adapter)
     report, started = CalibrationReport(), time.perf_counter()
     with PeakMemory(model.device) as memory:
-        _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release_originals)
+        _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release_originals,
+                       restored_blocks, after_block)
     report.seconds = time.perf_counter() - started
     report.peak_memory_mb = memory.peak_mb
     return report
 
 
-def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release):
+def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release, restored, after_block):
     set_quantized(model, False)
 
     def finish(module):  # switch a calibrated module (or block) to quantized forward
@@ -194,10 +201,11 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
             release_originals(module)
 
     table = get_module(model, adapter.embedding)
-    if isinstance(table, QuantEmbedding):
+    if isinstance(table, QuantEmbedding) and not restored:
         with tqdm(total=1, desc=f"calibrating embedding ({table.num_embeddings} rows)", disable=not progress) as bar:
             calibrate_embedding(table, config)
             bar.update()
+    if isinstance(table, QuantEmbedding):
         table.quantize = False  # blocks are calibrated on full-precision inputs
 
     hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, batch_size)
@@ -206,17 +214,15 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
     blocks = get_module(model, adapter.layers)
     for index, block in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress)):
         block_start = time.perf_counter()
-        heads = [group[0] for group in adapter.linear_groups]
-        fp_out, inputs = _capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
-        for group in adapter.linear_groups:
-            shared = {}
-            for name in group:
-                path = f"{adapter.layers}.{index}.{name}"
-                report.layers[path] = calibrate_linear(block.get_submodule(name), inputs[group[0]], config, shared)
-        del inputs
+        if index < restored:  # its quantizers are loaded: only its full-precision output is needed
+            fp_out = _run_block(block, hidden, call_kwargs, batch_size)
+        else:
+            fp_out = _calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report)
         finish(block)
         hidden = _run_block(block, hidden, call_kwargs, batch_size) if config.feed_quantized else fp_out
         report.block_seconds.append(time.perf_counter() - block_start)
+        if after_block is not None and index >= restored:
+            after_block(index, len(blocks))
 
     head = get_module(model, adapter.lm_head)
     if isinstance(head, QuantLinear):
@@ -226,6 +232,18 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
             bar.update()
         finish(head)
     set_quantized(model, True)
+
+
+def _calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report):
+    """Calibrate every linear of one block on its inputs; returns the block's full-precision output."""
+    heads = [group[0] for group in adapter.linear_groups]
+    fp_out, inputs = _capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
+    for group in adapter.linear_groups:
+        shared = {}
+        for name in group:
+            path = f"{adapter.layers}.{index}.{name}"
+            report.layers[path] = calibrate_linear(block.get_submodule(name), inputs[group[0]], config, shared)
+    return fp_out
 
 
 class PeakMemory:

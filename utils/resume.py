@@ -1,0 +1,102 @@
+"""Resumable FPQ / MinMax calibration: after every finished block the parameters so far are written to the
+parameter file (atomically, marked unfinished); `--resume` installs them and calibrates the remaining blocks,
+which gives the same parameters, bit for bit, as an uninterrupted run. Ctrl-C ends in one line saying what
+was saved and how to continue.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .calibrate import quant_modules, quantize
+from .errors import Interrupted, ParamFileError
+from .files import save_with_fallback
+from .models import get_module
+from .params import check_overwrite, load_params, read_metadata, save_params
+
+RESUME_HINT = "rerun the same command with --resume to continue"
+
+
+def is_unfinished(path: Path) -> bool:
+    """Whether `path` is the parameter file of an interrupted calibration."""
+    return "partial" in read_metadata(path)
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def restore_progress(path: Path, model, config, adapter, extra: dict) -> int:
+    """Install the blocks an interrupted run of the same settings saved at `path`; returns how many."""
+    if not path.exists():
+        return 0
+    meta = read_metadata(path)
+    for key, wanted in (("config", config.to_dict()), *extra.items()):
+        if meta.get(key) != _as_json(wanted):
+            raise ParamFileError(f"{path} was calibrated with other settings ({key}: {meta.get(key)}); drop --resume "
+                                 "to start over, or pass the settings it was started with")
+    blocks = len(get_module(model, adapter.layers))
+    done = meta.get("partial", {}).get("blocks_done", blocks)
+    if not isinstance(done, int) or not 0 <= done <= blocks or not _modules_of(done, model, config, adapter) <= set(
+            meta["modules"]):
+        raise ParamFileError(f"{path} claims {done} finished blocks that it does not hold; drop --resume to start over")
+    load_params(path, model, config, partial_ok=True)
+    return done
+
+
+def _modules_of(done: int, model, config, adapter) -> set:
+    """The wrapped modules calibrated once `done` blocks are: the table (when quantized) and those blocks."""
+    prefixes = tuple(f"{adapter.layers}.{index}." for index in range(done))
+    table = (adapter.embedding,) if done and config.e_bits < 16 else ()
+    return {name for name in quant_modules(model) if name.startswith(prefixes) or name in table}
+
+
+class BlockCheckpoint:
+    """`after_block` of quantize(): writes the parameters calibrated so far (to a fallback path, named in a
+    warning, when the asked one fails) and remembers what it saved for the Ctrl-C message."""
+
+    def __init__(self, path: Path, model, config, model_name: str, extra: dict, fingerprint: dict, done: int):
+        self.path, self.model, self.config, self.model_name = path, model, config, model_name
+        self.extra, self.fingerprint, self.done, self.blocks = extra, fingerprint, done, None
+
+    def __call__(self, index: int, blocks: int):
+        partial = {"blocks_done": index + 1, "blocks": blocks}
+        self.path = save_with_fallback(self.path, lambda path: save_params(
+            path, self.model, self.config, self.model_name, self.extra, self.fingerprint, partial=partial),
+            "parameters calibrated so far")
+        self.done, self.blocks = index + 1, blocks
+
+    def interrupted(self, requested: Path) -> Interrupted:
+        if not self.done:
+            return Interrupted("calibration interrupted before its first block finished; nothing was saved; "
+                               "rerun the same command")
+        hint = RESUME_HINT if self.path == requested else f"rerun the same command with --resume --ptq_param_path {self.path}"
+        of = f" of {self.blocks}" if self.blocks else ""
+        return Interrupted(f"calibration interrupted; {self.done}{of} blocks are saved in {self.path}; {hint}")
+
+
+def calibrate_resumable(model, config, calib, adapter, path: Path, model_name: str, extra: dict, fingerprint: dict,
+                        resume: bool):
+    """Calibrate (continuing the unfinished file at `path` with `resume`), checkpointing after every block,
+    then write the finished parameters. Returns (report, the path written)."""
+    check_overwrite(path, fingerprint)  # now, not after the calibration
+    done = restore_progress(path, model, config, adapter, extra) if resume else 0
+    checkpoint = BlockCheckpoint(path, model, config, model_name, extra, fingerprint, done)
+    try:
+        report = quantize(model, config, calib, adapter, release_originals=True, restored_blocks=done,
+                          after_block=checkpoint)
+    except KeyboardInterrupt:
+        raise checkpoint.interrupted(path) from None
+    written = save_with_fallback(path, lambda target: save_params(target, model, config, model_name, extra,
+                                                                  fingerprint), "quantization parameters")
+    return report, written
+
+
+def matrix_blocks_saved(path: Path) -> int:
+    """How many blocks a FlatQuant matrix file holds (0 when there is none yet)."""
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        return len(json.loads((f.metadata() or {}).get("flatquant", "{}")).get("blocks", {}))
