@@ -69,8 +69,8 @@ def _probe_writable(folder: Path, flag: str, given: Path):
 
 
 def _check_ancestors(path: Path, flag: str, given: Path):
-    """The folders still to be created under the nearest existing one must be creatable."""
-    existing = _nearest_existing(path.parent if not path.exists() else path)
+    """The folder of `path`, or the nearest existing one above it, must be a writable folder."""
+    existing = _nearest_existing(path.parent)
     if not existing.is_dir():
         raise UsageError(f"{flag} {given}: {existing} is a file, not a folder; choose another location")
     _probe_writable(existing, flag, given)
@@ -86,9 +86,7 @@ def check_output_file(path: str | Path, flag: str, suffix: str | None = None):
         raise UsageError(f"{flag} {path}: the file written is {suffix[1:]}; give a path ending in {suffix}"
                          + (" (.pt files are only read, as reference parameter files)" if path.suffix == ".pt"
                             else ""))
-    _check_ancestors(path, flag, path)
-    if path.exists():
-        _probe_writable(path.parent, flag, path)
+    _check_ancestors(path, flag, path)  # an existing file is replaced by a rename: its folder must be writable
 
 
 def check_output_folder(path: str | Path, flag: str):

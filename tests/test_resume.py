@@ -1,0 +1,111 @@
+"""An interrupted FPQ / MinMax calibration resumes block by block to the parameters of an uninterrupted run,
+bit for bit; Ctrl-C ends in one line saying what was saved and how to continue (exit 130)."""
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from safetensors.torch import load_file
+from tiny_folder import save_tiny_model
+
+import main
+from configs import load_config
+from utils import calibrate
+from utils.calibrate import prepare_model
+from utils.errors import Interrupted, ParamFileError
+from utils.models import model_fingerprint
+from utils.params import load_params
+from utils.resume import calibrate_resumable, is_unfinished
+
+EXTRA = {"calibration": {"dataset": "test", "size": 4, "seqlen": 32, "seed": 0}}
+
+
+def small(name, feed_quantized=False):
+    config = load_config(name)
+    return replace(config, feed_quantized=feed_quantized, search=replace(config.search, n_candidates=6, rounds=1))
+
+
+def interrupt_at(monkeypatch, stop_index, calibrated):
+    """Ctrl-C when block `stop_index` starts calibrating; `calibrated` records the blocks that were."""
+    real = calibrate._calibrate_block
+
+    def block(block_module, index, *args):
+        if index == stop_index:
+            raise KeyboardInterrupt
+        calibrated.append(index)
+        return real(block_module, index, *args)
+    monkeypatch.setattr(calibrate, "_calibrate_block", block)
+
+
+def calibrate_file(config, calib_ids, path, resume=False):
+    model = tiny_llama()
+    adapter = prepare_model(model, config)
+    return calibrate_resumable(model, config, calib_ids, adapter, path, "tiny", EXTRA, model_fingerprint(model),
+                               resume)
+
+
+def assert_same_tensors(a: Path, b: Path):
+    first, second = load_file(str(a)), load_file(str(b))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("name, feed", [("FPQ_config_llama", False), ("FPQ_config_llama", True),
+                                        ("MinMax_config_llama", False)])
+def test_resumed_calibration_is_bit_identical(monkeypatch, calib_ids, tmp_path, name, feed):
+    config = small(name, feed)
+    calibrate_file(config, calib_ids, tmp_path / "whole.safetensors")
+
+    path, calibrated = tmp_path / "resumed.safetensors", []
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 1, calibrated)
+        with pytest.raises(Interrupted, match=f"1 of 2 blocks are saved in {path}; .*--resume"):
+            calibrate_file(config, calib_ids, path)
+    assert calibrated == [0] and is_unfinished(path)
+    fresh = tiny_llama()
+    prepare_model(fresh, config)
+    with pytest.raises(ParamFileError, match="unfinished calibration .*1 of 2 blocks.*--resume"):
+        load_params(path, fresh, config)
+
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, None, calibrated)
+        calibrate_file(config, calib_ids, path, resume=True)
+    assert calibrated == [0, 1]  # block 0 was loaded, not searched again
+    assert not is_unfinished(path)
+    assert_same_tensors(path, tmp_path / "whole.safetensors")
+
+
+def test_resume_refuses_a_file_of_other_settings(monkeypatch, calib_ids, tmp_path):
+    path = tmp_path / "p.safetensors"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 1, [])
+        with pytest.raises(Interrupted):
+            calibrate_file(small("FPQ_config_llama"), calib_ids, path)
+    with pytest.raises(ParamFileError, match="other settings \\(config"):
+        calibrate_file(small("FPQ_config_llama", feed_quantized=True), calib_ids, path, resume=True)
+
+
+def test_interrupt_before_any_block_says_nothing_was_saved(monkeypatch, calib_ids, tmp_path):
+    interrupt_at(monkeypatch, 0, [])
+    with pytest.raises(Interrupted, match="nothing was saved"):
+        calibrate_file(small("FPQ_config_llama"), calib_ids, tmp_path / "p.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_in_the_cli_is_one_line_and_resume_finishes(monkeypatch, capsys, tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    common = ["--model_args", f"pretrained={model}", "--device", "cpu", "--calib_dataset", "enwiki",
+              "--calib_size", "4", "--calib_seqlen", "32", "--search_intervals", "0.01", "1.2", "6",
+              "--search_round", "1"]
+    whole, resumed = tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors"
+    assert main.main(common + ["--ptq_param_path", str(whole)]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 1, [])
+        code = main.main(common + ["--ptq_param_path", str(resumed)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and "Traceback" not in "".join(err)
+    assert err[-1] == (f"interrupted: calibration interrupted; 1 of 2 blocks are saved in {resumed}; "
+                       "rerun the same command with --resume to continue")
+    assert main.main(common + ["--ptq_param_path", str(resumed), "--resume"]) == 0
+    assert_same_tensors(resumed, whole)
