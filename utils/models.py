@@ -123,6 +123,8 @@ def check_finite_weights(model, name: str):
     """Refuse a checkpoint holding NaN or infinite weights: calibrated and evaluated, it would only give a
     perplexity of nan. One tensor at a time, so the check needs no second copy of the model."""
     for tensor_name, tensor in model.named_parameters():
+        if tensor.device.type == "meta":  # offloaded by accelerate: its values are not in memory to check
+            continue
         bad = int((~torch.isfinite(tensor.detach())).sum())
         if bad:
             raise NonFiniteWeights(f"model {name}: weight {tensor_name} holds {bad} NaN or infinite values of "
