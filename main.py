@@ -338,8 +338,9 @@ def run_flatquant(args, config, model, tokenizer, name) -> dict:
     try:
         report = flat_quantize(model, config, calib, path, name, fingerprint, mode=mode, release_originals=True)
     except KeyboardInterrupt:
-        raise Interrupted(f"FlatQuant calibration interrupted; {matrix_blocks_saved(path)} blocks are saved in "
-                          f"{path}; {RESUME_HINT}") from None
+        blocks = len(models.get_module(model, models.adapter_for(model).layers))
+        raise Interrupted(f"FlatQuant calibration interrupted; {matrix_blocks_saved(path)} of {blocks} blocks are "
+                          f"saved in {path}; {RESUME_HINT}") from None
     print(f"FlatQuant matrices: {path} ({mode})")
     return {"calibration": report.to_dict(), "param_path": str(path)}
 

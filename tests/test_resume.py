@@ -109,3 +109,22 @@ def test_ctrl_c_in_the_cli_is_one_line_and_resume_finishes(monkeypatch, capsys, 
                        "rerun the same command with --resume to continue")
     assert main.main(common + ["--ptq_param_path", str(resumed), "--resume"]) == 0
     assert_same_tensors(resumed, whole)
+
+
+def test_ctrl_c_during_flatquant_names_the_blocks_in_the_matrix_file(monkeypatch, capsys, tmp_path):
+    from utils import flatquant
+    real, trained = flatquant.train_block, []
+
+    def train_block(*args):
+        if len(trained) == 1:
+            raise KeyboardInterrupt
+        trained.append(True)
+        return real(*args)
+    monkeypatch.setattr(flatquant, "train_block", train_block)
+    model, matrices = save_tiny_model(tmp_path / "model"), tmp_path / "m.safetensors"
+    code = main.main(["--model_args", f"pretrained={model}", "--device", "cpu", "--calib_dataset", "enwiki",
+                      "--quant_config", "FlatQuant_config_llama", "--nsamples", "4", "--cali_bsz", "2",
+                      "--epochs", "1", "--calib_seqlen", "32", "--matrix_path", str(matrices)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err[-1] == (f"interrupted: FlatQuant calibration interrupted; 1 of 2 blocks are saved in "
+                                       f"{matrices}; rerun the same command with --resume to continue")
