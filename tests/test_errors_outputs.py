@@ -52,7 +52,7 @@ def test_bad_output_location_is_refused_before_the_model_loads(monkeypatch, caps
     assert code == 2 and len(err) == 1 and message in err[0]
 
 
-def test_only_eval_reads_a_reference_pt_without_the_suffix_check(monkeypatch, tmp_path):
+def test_only_eval_reads_a_reference_pt_without_the_suffix_check(tmp_path):
     args = main.build_parser().parse_args(["--only_eval", "--ptq_param_path", str(tmp_path / "ref.pt")])
     main.check_param_output(args, main.make_config(args))  # reading is no output
 
