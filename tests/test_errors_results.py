@@ -157,6 +157,8 @@ def reference_state(model, a_bias=True):
     ("FPQ_config_llama", [4, 8, 4, 2, 4, 2], None, "holds W4A4E4 parameters, not W4A8E4"),
     ("FPQ_config_llama", QBITS, ("model.layers.0.mlp.up_proj.a_bias", float("nan")), "non-finite"),
     ("FPQ_config_llama", QBITS, ("model.layers.1.self_attn.o_proj.w_interval", torch.int64), "dtype torch.int64"),
+    ("FPQ_config_llama", QBITS, ("model.layers.0.mlp.down_proj.w_exponent_bit", torch.tensor([2, 2])),
+     "w_exponent_bit is not one whole number of bits"),
 ])
 def test_reference_file_is_checked_against_config_qbits_and_its_tensors(tmp_path, config_name, qbits, edit, message):
     config = load_config(config_name).with_qbits(qbits)
@@ -164,6 +166,8 @@ def test_reference_file_is_checked_against_config_qbits_and_its_tensors(tmp_path
     state = reference_state(model)
     if edit and isinstance(edit[1], float):
         state[edit[0]][0] = edit[1]
+    elif edit and torch.is_tensor(edit[1]):
+        state[edit[0]] = edit[1]
     elif edit:
         state[edit[0]] = state[edit[0]].to(edit[1])
     torch.save(state, tmp_path / "reference.pt")

@@ -203,6 +203,10 @@ def reference_formats(state: dict) -> dict:
 
 def check_reference_file(path, state: dict, config: QuantConfig):
     """Refuse a reference file written under another config or other bit widths than `config`'s."""
+    for key, value in state.items():
+        if key.endswith("_bit") and (value.numel() != 1 or value.is_floating_point() and value != value.round()):
+            raise ParamFileError(f"{path}: {key} is not one whole number of bits; pass a parameter file written by "
+                                 "the reference code")
     methods, formats = reference_methods(state), reference_formats(state)
     bits = {operand: sorted({1 + e + m for (_, op), (e, m) in formats.items() if op == operand}) for operand in "wae"}
     exponents = {operand: sorted({e for (_, op), (e, _) in formats.items() if op == operand}) for operand in "wae"}
