@@ -90,10 +90,12 @@ class QuantLinear(_FrozenWeight):
 
 
 class QuantEmbedding(_FrozenWeight):
-    """An embedding lookup into a fake-quantized copy of the table."""
+    """An embedding lookup into a fake-quantized copy of the table, times `output_scale` if the model scales
+    its embeddings (Gemma: sqrt(hidden), applied in the table's dtype as the model does)."""
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, output_scale: torch.Tensor | None = None):
         super().__init__()
+        self.register_buffer("output_scale", output_scale, persistent=False)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
         self.weight = embedding.weight
@@ -103,4 +105,5 @@ class QuantEmbedding(_FrozenWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.quantized_weight if self.quantize else self.full_precision_weight()
-        return F.embedding(ids, table, self.padding_idx)
+        out = F.embedding(ids, table, self.padding_idx)
+        return out if self.output_scale is None else out * self.output_scale.to(table.dtype)
