@@ -19,12 +19,13 @@ class _FrozenWeight(nn.Module):
     def shifted_weight(self) -> torch.Tensor:
         return self.weight.detach().float()
 
-    def freeze(self):
-        """Cache Q_w(W) in the weight's dtype and switch to quantized forward."""
+    def freeze(self, on_grid: bool = False):
+        """Cache Q_w(W) in the weight's dtype and switch to quantized forward. `on_grid`: W already holds
+        quantized values (GPTQ's), which are cached as they are; the weight quantizer only describes them."""
         if self.released:
             raise RuntimeError("the full-precision weight was released; reload the model to quantize it again")
         w = self.shifted_weight()
-        if self.weight_quantizer is not None:
+        if self.weight_quantizer is not None and not on_grid:
             w = self.weight_quantizer(w)
         self.quantized_weight = w.to(self.weight.dtype)
         self.quantize = True
@@ -70,8 +71,8 @@ class QuantLinear(_FrozenWeight):
         w = self.weight.detach().float()
         return w if self.input_shift is None else w * torch.exp2(-self.input_shift)
 
-    def freeze(self):
-        super().freeze()
+    def freeze(self, on_grid: bool = False):
+        super().freeze(on_grid)
         self.input_scale = None if self.input_shift is None else torch.exp2(self.input_shift).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -116,3 +116,25 @@ def test_the_reference_numerics_top_value_has_no_code():
     assert quantizer(torch.tensor([7.9])).item() == 8.0  # the reference's clip value, outside E2M1
     with pytest.raises(ValueError, match="no code"):
         quantizer.encode(torch.tensor([7.9]))
+
+
+@pytest.mark.parametrize("element", [IntElement(4, True, True), IntElement(4, False), E2M1])
+def test_gptq_ranges_survive_as_one_group_quantizer(element):
+    from quant_layers import HessianAccumulator, gptq_quantize
+    w = weights(16, 64, seed=4)
+    accumulator = HessianAccumulator(64)
+    accumulator.add(torch.randn(256, 64, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 3, 64))
+    make = lambda part: make_quantizer(Scheme(element, "row"), part)  # noqa: E731
+    for result in (gptq_quantize(w, accumulator.hessian, make, groupsize=16),
+                   gptq_quantize(w, accumulator.hessian, make, groupsize=16, act_order=True, static_groups=True),
+                   rtn_quantize(w, make, groupsize=16)):
+        quantizer = result.weight_quantizer()
+        assert quantizer.spec() == Scheme(element, "group", 16)
+        codes, ranges = quantizer.encode(result.weight)  # GPTQ's values are on the merged quantizer's grid
+        assert torch.allclose(quantizer.decode(codes, ranges), result.weight, rtol=2 ** -22, atol=0)
+        for index, group_quantizer in enumerate(result.quantizers):  # each group keeps its own range
+            columns = slice(16 * index, 16 * index + 16)
+            assert torch.equal(quantizer(w)[:, columns], group_quantizer(w[:, columns]))
+    scattered = gptq_quantize(w, accumulator.hessian, make, groupsize=16, act_order=True)
+    assert scattered.weight_quantizer() is None
+    assert gptq_quantize(w, accumulator.hessian, make).weight_quantizer().spec() == Scheme(element, "row")

@@ -403,8 +403,8 @@ def _quantize_weight(module: QuantLinear, hessian: HessianAccumulator, inputs, c
             result = rtn_quantize(weight, make, groupsize=flat.w_groupsize)
         quantized = result.weight.float()
         module.weight.data = result.weight.to(module.weight.dtype)
-        module.weight_quantizer = None  # the values are already on their groups' grids
-        module.freeze()
+        module.weight_quantizer = result.weight_quantizer()  # the ranges GPTQ / RTN chose, for export
+        module.freeze(on_grid=True)
     delta = weight - quantized
     return float(hessian.tokens / 2 * ((delta @ hessian.hessian) * delta).sum())
 
