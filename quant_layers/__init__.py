@@ -3,8 +3,9 @@ from .formats import FPFormat, fp_formats, fp_grid, fp_quantize
 from .gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
 from .modules import QuantEmbedding, QuantLinear
 from .quantizers import FPQuantizer, IntQuantizer
+from .schemes import IntElement, Scheme, make_quantizer
 from .search import LinearSearch, SearchSettings, search_embedding
 
 __all__ = ["FPFormat", "fp_formats", "fp_grid", "fp_quantize", "GPTQResult", "HessianAccumulator", "gptq_quantize",
-           "rtn_quantize", "QuantEmbedding", "QuantLinear", "FPQuantizer", "IntQuantizer", "LinearSearch",
+           "rtn_quantize", "QuantEmbedding", "QuantLinear", "FPQuantizer", "IntQuantizer", "IntElement", "Scheme", "make_quantizer", "LinearSearch",
            "SearchSettings", "search_embedding"]

@@ -106,6 +106,43 @@ def fp_quantize(x: torch.Tensor, fmt: FPFormat, bias) -> torch.Tensor:
     return clipped.div_(step).round_().mul_(step)
 
 
+def fp_encode(x: torch.Tensor, fmt: FPFormat, bias) -> torch.Tensor:
+    """The int32 codes (sign, exponent field, mantissa: 1 + E + M bits, exponent field 0 = subnormal) of
+    fp_quantize(x, fmt, bias). A value that rounds up out of the top binade has no code: the reference
+    numerics' clip value, which the format does not have, is refused."""
+    dtype = _compute_dtype(x)
+    bias = bias.to(dtype) if torch.is_tensor(bias) else torch.tensor(bias, dtype=dtype, device=x.device)
+    maxval = fmt.maxval(bias)
+    clipped = torch.clamp(x.to(dtype), -maxval, maxval)
+    exponent = clipped.abs().log2().add_(bias).floor_().clamp_min_(1)
+    steps = clipped.abs().div_(fmt.step(exponent.clone(), bias)).round_()  # the magnitude in binade steps
+    implicit = 2 ** fmt.mantissa_bits
+    carried = steps == 2 * implicit  # rounded up into the next binade: mantissa 0 there
+    exponent = torch.where(carried, exponent + 1, exponent)
+    steps = torch.where(carried, implicit, steps)
+    if (exponent > fmt.max_exponent_code).any():
+        raise ValueError(f"values beyond the largest {fmt.name} value have no code ({fmt.numerics} numerics)")
+    normal = steps >= implicit
+    field = torch.where(normal, exponent, 0).int()
+    mantissa = (steps - normal * implicit).int()
+    sign = torch.signbit(clipped).int()
+    return (sign << (fmt.exponent_bits + fmt.mantissa_bits)) | (field << fmt.mantissa_bits) | mantissa
+
+
+def fp_decode(codes: torch.Tensor, fmt: FPFormat, bias, dtype=torch.float32) -> torch.Tensor:
+    """Values of fp_encode's codes at `bias`: (field ? 2^M + mantissa : mantissa) * 2^(max(field, 1) - M - bias).
+    Equal to fp_quantize's values, except that a value fp_quantize rounded up across a binade edge may differ
+    from this one in the last bit (the two compute the same power of two from different exponents)."""
+    bias = bias.to(dtype) if torch.is_tensor(bias) else torch.tensor(bias, dtype=dtype, device=codes.device)
+    codes = codes.long()
+    mantissa = codes & (2 ** fmt.mantissa_bits - 1)
+    field = (codes >> fmt.mantissa_bits) & fmt.max_exponent_code
+    sign = codes >> (fmt.exponent_bits + fmt.mantissa_bits)
+    steps = (mantissa + (field > 0) * 2 ** fmt.mantissa_bits).to(dtype)
+    value = steps * fmt.step(field.clamp_min(1).to(dtype), bias)
+    return torch.where(sign.bool(), -value, value)
+
+
 def fp_grid(fmt: FPFormat, bias: float = 0.0) -> torch.Tensor:
     """All non-negative values of `fmt` at `bias`, sorted (0, subnormals, normals up to maxval; the reference
     numerics add their clip value 2 * 2^(2^E - 1 - bias), which the top binade rounds up to)."""
@@ -137,8 +174,7 @@ def int_symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
 def int_quantize_symmetric(x: torch.Tensor, bits: int, scale, full_range: bool = False) -> torch.Tensor:
     """Symmetric INT-q with levels -(2^(q-1)-1)..(2^(q-1)-1) times `scale`; `full_range` adds the most
     negative level -2^(q-1) (FlatQuant/QuaRot/GPTQ's convention, same scale absmax / (2^(q-1)-1))."""
-    q_max = 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale), -q_max - full_range, q_max) * scale
+    return int_symmetric_codes(x, bits, scale, full_range) * scale
 
 
 def int_asymmetric_params(x_min: torch.Tensor, x_max: torch.Tensor, bits: int):
@@ -148,6 +184,16 @@ def int_asymmetric_params(x_min: torch.Tensor, x_max: torch.Tensor, bits: int):
     return scale, torch.round(-x_min / scale)
 
 
+def int_symmetric_codes(x: torch.Tensor, bits: int, scale, full_range: bool = False) -> torch.Tensor:
+    """The integer levels of int_quantize_symmetric (its values are these times `scale`)."""
+    q_max = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale), -q_max - full_range, q_max)
+
+
+def int_asymmetric_codes(x: torch.Tensor, bits: int, scale, zero) -> torch.Tensor:
+    """The codes 0..2^q-1 of int_quantize_asymmetric (its values are (codes - zero) * scale)."""
+    return torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale) + zero, 0, 2 ** bits - 1)
+
+
 def int_quantize_asymmetric(x: torch.Tensor, bits: int, scale, zero) -> torch.Tensor:
-    codes = torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale) + zero, 0, 2 ** bits - 1)
-    return (codes - zero) * scale
+    return (int_asymmetric_codes(x, bits, scale, zero) - zero) * scale

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .quantizers import FPQuantizer, IntQuantizer
+
 QuantizerFactory = Callable[[torch.Tensor], nn.Module]
 DAMPING_RETRIES = 3  # each retry multiplies the damping by 10
 
@@ -54,6 +56,30 @@ class GPTQResult:
     quantizers: list[nn.Module]  # one per group: quantizers[group_index[j]] quantizes column j
     group_index: torch.Tensor  # [in] long: the group of each column, in the weight's column order
     loss: float  # see gptq_quantize and rtn_quantize
+
+    def weight_quantizer(self) -> nn.Module | None:
+        """One quantizer holding every group's range (per row, or per row x group of consecutive columns), on
+        whose grid `weight` lies; None when act-order with dynamic groups scattered a group's columns."""
+        if len(self.quantizers) == 1:
+            return self.quantizers[0]
+        size = self.group_index.numel() // len(self.quantizers)
+        positions = torch.arange(self.group_index.numel(), device=self.group_index.device)
+        if not torch.equal(self.group_index, positions // size):
+            return None
+        return merge_row_quantizers(self.quantizers, size)
+
+
+def merge_row_quantizers(quantizers: list[nn.Module], group_size: int) -> nn.Module:
+    """Per-row quantizers of consecutive column groups as one quantizer with one range per row x group."""
+    first = quantizers[0]
+
+    def stacked(name):
+        parts = [getattr(q, name) for q in quantizers]
+        return None if parts[0] is None else torch.stack([part.reshape(-1, 1) for part in parts], dim=1)
+    if isinstance(first, FPQuantizer):
+        return FPQuantizer(first.fmt, stacked("bias"), group_size=group_size)
+    return IntQuantizer(first.bits, first.symmetric, stacked("scale"), stacked("zero"),
+                        full_range=first.full_range, group_size=group_size)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, make_quantizer: QuantizerFactory, *,

@@ -19,12 +19,13 @@ class _FrozenWeight(nn.Module):
     def shifted_weight(self) -> torch.Tensor:
         return self.weight.detach().float()
 
-    def freeze(self):
-        """Cache Q_w(W) in the weight's dtype and switch to quantized forward."""
+    def freeze(self, on_grid: bool = False):
+        """Cache Q_w(W) in the weight's dtype and switch to quantized forward. `on_grid`: W already holds
+        quantized values (GPTQ's), which are cached as they are; the weight quantizer only describes them."""
         if self.released:
             raise RuntimeError("the full-precision weight was released; reload the model to quantize it again")
         w = self.shifted_weight()
-        if self.weight_quantizer is not None:
+        if self.weight_quantizer is not None and not on_grid:
             w = self.weight_quantizer(w)
         self.quantized_weight = w.to(self.weight.dtype)
         self.quantize = True
@@ -70,8 +71,8 @@ class QuantLinear(_FrozenWeight):
         w = self.weight.detach().float()
         return w if self.input_shift is None else w * torch.exp2(-self.input_shift)
 
-    def freeze(self):
-        super().freeze()
+    def freeze(self, on_grid: bool = False):
+        super().freeze(on_grid)
         self.input_scale = None if self.input_shift is None else torch.exp2(self.input_shift).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +91,12 @@ class QuantLinear(_FrozenWeight):
 
 
 class QuantEmbedding(_FrozenWeight):
-    """An embedding lookup into a fake-quantized copy of the table."""
+    """An embedding lookup into a fake-quantized copy of the table, times `output_scale` if the model scales
+    its embeddings (Gemma: sqrt(hidden), applied in the table's dtype as the model does)."""
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, output_scale: torch.Tensor | None = None):
         super().__init__()
+        self.register_buffer("output_scale", output_scale, persistent=False)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
         self.weight = embedding.weight
@@ -103,4 +106,5 @@ class QuantEmbedding(_FrozenWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.quantized_weight if self.quantize else self.full_precision_weight()
-        return F.embedding(ids, table, self.padding_idx)
+        out = F.embedding(ids, table, self.padding_idx)
+        return out if self.output_scale is None else out * self.output_scale.to(table.dtype)

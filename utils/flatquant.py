@@ -31,8 +31,10 @@ from quant_layers.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from quant_layers.learnable import DynamicQuantizer, WeightClip
 from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_factor, kronecker_factors, make_factor
 
-from .calibrate import CalibrationReport, PeakMemory, _capture_block_inputs, _run_block, set_quantized
-from .models import ModelAdapter, adapter_for, get_module, set_module
+from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, model_dims
+from .calibrate import CalibrationReport, PeakMemory, set_quantized
+from .models import get_module, set_module
+from .pipeline import capture_block_inputs, record_inputs, run_block
 from .errors import UserError
 from .files import atomic_write
 
@@ -43,21 +45,8 @@ class MatrixFileError(UserError, ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Dims:
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
-def model_dims(model) -> Dims:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return Dims(cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), head_dim)
-
-
 # ----- Q/K/V quantization inside transformers' attention, without copying its forward -----
-def enable_kv_quant(model):
+def enable_kv_quant(model, adapter: ModelAdapter):
     """Route the model's attention through a registered function that applies each attention module's
     `kv_quant` (if it has one) to the post-RoPE queries/keys and the values, then calls the original
     implementation (sdpa or eager) with the original masks."""
@@ -70,7 +59,7 @@ def enable_kv_quant(model):
         return
     if base == "eager":
         import sys
-        attention_module = next(m for m in model.modules() if hasattr(m, "o_proj"))
+        attention_module = get_module(model, adapter.layers)[0].get_submodule(adapter.attention)
         original = sys.modules[type(attention_module).__module__].eager_attention_forward
     else:
         original = ALL_ATTENTION_FUNCTIONS[base]
@@ -99,22 +88,22 @@ class FlatBlock(nn.Module):
         transformed = flat.transform and (config.w_bits < 16 or config.a_bits < 16)
         self.transforms, self.act_quantizers, self.linears = nn.ModuleList(), nn.ModuleList(), nn.ModuleDict()
         self.value_factor = make_factor(dims.head_dim, flat.direct_inv, generator) if transformed else None
-        for group, scale_into in zip(adapter.linear_groups, adapter.scale_into):
-            head = block.get_submodule(group[0])
+        for group in adapter.groups:
+            head = block.get_submodule(group.linears[0])
             transform = None
-            if transformed and adapter.value_proj is not None and scale_into is None:  # o_proj: heads x head_dim
+            if transformed and group.fold == "heads":  # o_proj: heads x head_dim
                 transform = KroneckerTransform(make_factor(dims.heads, flat.direct_inv, generator), self.value_factor,
                                                head.in_features, right_online=False)
             elif transformed:
                 n1, n2 = kronecker_factors(head.in_features)
                 transform = KroneckerTransform(make_factor(n1, flat.direct_inv, generator),
                                                make_factor(n2, flat.direct_inv, generator), head.in_features,
-                                               diag=flat.add_diag and scale_into is not None)
+                                               diag=flat.add_diag)
             act = (DynamicQuantizer(a_element, not flat.a_asym, clip="scalar" if flat.lac else None)
                    if config.a_bits < 16 else None)
             self.transforms.append(transform)
             self.act_quantizers.append(act)
-            for name in group:
+            for name in group.linears:
                 linear = block.get_submodule(name)
                 self.linears[_key(name)] = FlatLinear(
                     linear, transform, act,
@@ -261,16 +250,15 @@ class FlatBlock(nn.Module):
         per-channel scales go into the producing norm or linear; the attention keeps a frozen KVQuant."""
         self._replace_factors(freeze_factor)  # the float32 matrices applied online, with float64 inverses
         folded = {key: linear.folded() for key, linear in self.linears.items()}
-        for group, scale_into, transform in zip(self.adapter.linear_groups, self.adapter.scale_into, self.transforms):
+        for group, transform in zip(self.adapter.groups, self.transforms):
             if transform is None or transform.diag_scale is None:
                 continue
             scale = transform.diag_scale.detach().double()
-            if _key(scale_into) in folded:  # a linear's output rows (up_proj feeding down_proj)
-                w, b = folded[_key(scale_into)]
-                folded[_key(scale_into)] = (w * scale[:, None], None if b is None else b * scale)
+            if group.fold == "rows":  # a linear's output rows (up_proj feeding down_proj)
+                w, b = folded[_key(group.source)]
+                folded[_key(group.source)] = (w * scale[:, None], None if b is None else b * scale)
             else:
-                norm = block.get_submodule(scale_into)
-                norm.weight.data = (norm.weight.double() * scale).to(norm.weight.dtype)
+                fold_scale_into_norm(block.get_submodule(group.source), scale, self.adapter.norm)
         for group, transform, act in zip(self.adapter.linear_groups, self.transforms, self.act_quantizers):
             online = None if transform is None else transform.frozen()
             for name in group:
@@ -320,20 +308,14 @@ def _linear(weight, bias) -> nn.Linear:
 # ----- training -----
 def _group_input_absmax(block, adapter, hidden, call_kwargs):
     """Full-precision block outputs and the per-channel |x| maximum of each linear group's input."""
-    maxima = [None] * len(adapter.linear_groups)
+    heads = [group[0] for group in adapter.linear_groups]
+    maxima = dict.fromkeys(heads)
 
-    def hook(index):
-        def record(_module, args):
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-            maxima[index] = a if maxima[index] is None else torch.maximum(maxima[index], a)
-        return record
-    handles = [block.get_submodule(g[0]).register_forward_pre_hook(hook(i)) for i, g in enumerate(adapter.linear_groups)]
-    try:
-        out = _run_block(block, hidden, call_kwargs, 1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, maxima
+    def record(name, x):
+        a = x.abs().reshape(-1, x.shape[-1]).amax(0)
+        maxima[name] = a if maxima[name] is None else torch.maximum(maxima[name], a)
+    out = record_inputs(block, heads, hidden, call_kwargs, record)
+    return out, [maxima[name] for name in heads]
 
 
 def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs) -> list[float]:
@@ -355,7 +337,7 @@ def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs
         for _ in range(flat.epochs):
             total = 0.0
             for start in range(0, hidden.shape[0], flat.cali_bsz):
-                out = _run_block(block, hidden[start:start + flat.cali_bsz], call_kwargs, flat.cali_bsz)
+                out = run_block(block, hidden[start:start + flat.cali_bsz], call_kwargs, flat.cali_bsz)
                 loss = F.mse_loss(out.float(), targets[start:start + flat.cali_bsz].float())
                 (loss / loss.detach()).backward()  # unit-scale gradient: one lr fits every layer (spec A.5)
                 optimizer.step()
@@ -387,17 +369,13 @@ def quantize_block_weights(block, adapter, config, hidden, call_kwargs) -> dict:
         head, keep = modules[0], config.flat.weight_quantizer == "fpq_search"
         hessian, captured = HessianAccumulator(head.in_features, hidden.device), []
 
-        def record(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
+        def record(_name, x):
+            x = x.reshape(-1, x.shape[-1])
             x = x if head.input_transform is None else head.input_transform(x)
             hessian.add(x if head.act_quantizer is None else head.act_quantizer(x))
             if keep:
                 captured.append(x)
-        handle = head.register_forward_pre_hook(record)
-        try:
-            _run_block(block, hidden, call_kwargs, 1)
-        finally:
-            handle.remove()
+        record_inputs(block, group[:1], hidden, call_kwargs, record)
         inputs, shared = (torch.cat(captured) if keep else None), {}
         for name, module in zip(group, modules):
             losses[name] = _quantize_weight(module, hessian, inputs, config, shared)
@@ -426,8 +404,8 @@ def _quantize_weight(module: QuantLinear, hessian: HessianAccumulator, inputs, c
             result = rtn_quantize(weight, make, groupsize=flat.w_groupsize)
         quantized = result.weight.float()
         module.weight.data = result.weight.to(module.weight.dtype)
-        module.weight_quantizer = None  # the values are already on their groups' grids
-        module.freeze()
+        module.weight_quantizer = result.weight_quantizer()  # the ranges GPTQ / RTN chose, for export
+        module.freeze(on_grid=True)
     delta = weight - quantized
     return float(hessian.tokens / 2 * ((delta @ hessian.hessian) * delta).sum())
 
@@ -512,19 +490,21 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
     if mode == "reload" and len(saved) < len(blocks):
         raise MatrixFileError(f"{matrix_path} holds {len(saved)} of {len(blocks)} blocks; use --resume to finish it")
     if min(flat.q_bits, flat.k_bits, flat.v_bits) < 16:
-        enable_kv_quant(model)
+        enable_kv_quant(model, adapter)
     report, started = CalibrationReport(), time.perf_counter()
     generator = torch.Generator().manual_seed(config.search.seed)
     written = {i: (f"{adapter.layers}.{i}", saved[i]) for i in saved}
     with PeakMemory(model.device) as memory:
         set_quantized(model, False)
-        hidden, call_kwargs = _capture_block_inputs(model, adapter, calib_data, 1)
+        captured = capture_block_inputs(model, adapter, calib_data, 1)
+        hidden = captured.hidden
         # blocks are calibrated in float32 whatever the model's dtype (float64 stays float64)
         work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         hidden = hidden.to(work)
         hidden_q = hidden
         for index, block in enumerate(tqdm(blocks, desc="FlatQuant blocks", disable=not progress)):
             block_start, prefix = time.perf_counter(), f"{adapter.layers}.{index}"
+            call_kwargs = captured.call_kwargs[index]
             dtype = next(block.parameters()).dtype
             block.to(work)
             targets, input_absmax = _group_input_absmax(block, adapter, hidden, call_kwargs)
@@ -546,7 +526,7 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
                 for module in block.modules():
                     if isinstance(module, QuantLinear):
                         module.release_original()
-            hidden_q = _run_block(block, hidden_q, call_kwargs, 1)
+            hidden_q = run_block(block, hidden_q, call_kwargs, 1)
             hidden = targets
             block.to(dtype)
             report.layers.update({f"{prefix}.{name}": {"loss": loss} for name, loss in losses.items()})

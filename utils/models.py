@@ -1,66 +1,30 @@
-"""Loading causal LMs (hub, local folder, or an offline GGUF: SmolLM2, Qwen2.5-Coder) and declarative adapters.
-
-An adapter names where things are in a transformers model; it never re-implements a forward pass.
+"""Loading causal LMs (hub, local folder, or an offline GGUF: SmolLM2, Qwen2.5-Coder, Gemma 3), their identity
+(fingerprint), and module surgery by path. Model families are described in utils/adapters.py.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .adapters import ModelAdapter, UnsupportedModel, adapter_for  # noqa: F401  (adapter_for and
+# UnsupportedModel are part of this module's public loading API)
 from .assets import asset_path, cache_dir
 from .errors import UserError
 
 OFFLINE_MODEL = "smollm2-135m-offline"  # the default model: the asset `python -m utils.assets` fetches
 QWEN_OFFLINE_MODEL = "qwen2.5-coder-0.5b-offline"  # opt-in: `python -m utils.assets qwen2.5-coder-0.5b-gguf`
+GEMMA_OFFLINE_MODEL = "gemma3-270m-offline"  # opt-in: `python -m utils.assets gemma3-270m-gguf`
 # offline model name -> (GGUF asset in utils/assets.py, folder of the converted model under <cache>/models)
 OFFLINE_MODELS = {OFFLINE_MODEL: ("smollm2-gguf", "SmolLM2-135M-Instruct"),
-                  QWEN_OFFLINE_MODEL: ("qwen2.5-coder-0.5b-gguf", "Qwen2.5-Coder-0.5B-Instruct")}
-
-
-@dataclass(frozen=True)
-class ModelAdapter:
-    layers: str = "model.layers"
-    embedding: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    lm_head: str = "lm_head"
-    # Linears of a decoder block, grouped by the input they share, in execution order.
-    linear_groups: tuple[tuple[str, ...], ...] = (
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    )
-    # FlatQuant (spec A.3): the module whose output each group reads, where that group's per-channel scale
-    # folds (a norm's weight, or a linear's output rows); None: o_proj, whose input transform is heads x
-    # head_dim with the head_dim factor carried by the value projection's output heads.
-    scale_into: tuple[str | None, ...] = ("input_layernorm", None, "post_attention_layernorm", "mlp.up_proj")
-    attention: str = "self_attn"
-    value_proj: str = "self_attn.v_proj"
-
-
-LLAMA_LIKE = ModelAdapter()
-# model_type (from the HF config) -> adapter. Qwen2's q/k/v biases need no special handling.
-ADAPTERS = {"llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "qwen3": LLAMA_LIKE}
-
-
-class UnsupportedModel(UserError, ValueError):
-    pass
+                  QWEN_OFFLINE_MODEL: ("qwen2.5-coder-0.5b-gguf", "Qwen2.5-Coder-0.5B-Instruct"),
+                  GEMMA_OFFLINE_MODEL: ("gemma3-270m-gguf", "gemma-3-270m")}
 
 
 class NonFiniteWeights(UserError, ValueError):
     pass
-
-
-def adapter_for(model) -> ModelAdapter:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise UnsupportedModel(f"no adapter for model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))} "
-                               "(add a ModelAdapter entry in utils/models.py)")
-    return ADAPTERS[model_type]
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

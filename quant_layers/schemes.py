@@ -1,0 +1,101 @@
+"""Quantization schemes: what one operand's quantizer is, as data.
+
+A `Scheme` names an element format (any ExMy `FPFormat`, or an `IntElement`), a granularity (one range per
+tensor, per output row, per input channel, per token, or per group of `group_size` consecutive elements
+along the last, reduction, dimension), how the range is encoded (`scale`), and whether the range is fixed
+by calibration (static) or taken from each input at run time (dynamic).
+
+`make_quantizer(scheme, x)` turns a scheme into a quantizer module whose range is x's absolute maximum
+(MinMax); searches and GPTQ start from it. Builders are registered by scale encoding, so a new kind of scale
+is one builder and one `register_scale` call; every quantizer answers `spec()` with its scheme.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .formats import FPFormat
+
+GRANULARITIES = ("tensor", "row", "channel", "token", "group")
+
+
+@dataclass(frozen=True)
+class IntElement:
+    """INT-`bits`: symmetric levels -(2^(b-1)-1)..2^(b-1)-1 (`full_range` adds -2^(b-1), as GPTQ and FlatQuant
+    use), or asymmetric 0..2^b-1 with an integer zero point."""
+
+    bits: int
+    symmetric: bool = True
+    full_range: bool = False
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"INT bits must be in 2..16, got {self.bits}")
+
+    @property
+    def name(self) -> str:
+        return f"INT{self.bits}" + ("" if self.symmetric else "-asym")
+
+
+DEFAULT_SCALE = {FPFormat: "exponent_bias", IntElement: "float"}
+Builder = Callable[["Scheme", "torch.Tensor | None"], nn.Module]
+# scale encoding -> (the element type it applies to, the builder of its quantizers); filled by register_scale
+_SCALES: dict[str, tuple[type, Builder]] = {}
+
+
+def register_scale(encoding: str, element_type: type, builder: Builder):
+    """Let schemes use this scale encoding; `make_quantizer` builds their quantizers with `builder(scheme, x)`."""
+    _SCALES[encoding] = (element_type, builder)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    element: FPFormat | IntElement
+    granularity: str = "tensor"
+    group_size: int = 0  # elements per group along the last dimension; only with granularity "group"
+    scale: str = ""  # "" = the element's default: LLM-FP4's real exponent bias for FP, a float scale for INT
+    dynamic: bool = False  # "token" is always dynamic; "group" may be (per token x group)
+
+    def __post_init__(self):
+        if not self.scale:
+            object.__setattr__(self, "scale", DEFAULT_SCALE[type(self.element)])
+        if self.granularity == "token":
+            object.__setattr__(self, "dynamic", True)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose from {GRANULARITIES}")
+        if (self.granularity == "group") != (self.group_size > 0):
+            raise ValueError("a group size is given with granularity 'group', and only then")
+        if self.scale not in _SCALES:
+            raise ValueError(f"unknown scale encoding {self.scale!r}; choose from {tuple(_SCALES)}")
+        if not isinstance(self.element, _SCALES[self.scale][0]):
+            raise ValueError(f"scale encoding {self.scale!r} does not apply to {self.element.name}")
+        if self.dynamic and self.granularity not in ("token", "group"):
+            raise ValueError(f"a dynamic range is per token or per token x group, not per {self.granularity}")
+
+    @property
+    def name(self) -> str:
+        where = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        return f"{self.element.name}/{where}" + ("/dynamic" if self.dynamic and self.granularity != "token" else "")
+
+    def to_dict(self) -> dict:
+        element = asdict(self.element)
+        element["kind"] = "fp" if isinstance(self.element, FPFormat) else "int"
+        return {"element": element, "granularity": self.granularity, "group_size": self.group_size,
+                "scale": self.scale, "dynamic": self.dynamic}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Scheme":
+        element = dict(data["element"])
+        kind = element.pop("kind")
+        element = FPFormat(**element) if kind == "fp" else IntElement(**element)
+        return cls(element, data["granularity"], data["group_size"], data["scale"], data["dynamic"])
+
+
+def make_quantizer(scheme: Scheme, x: torch.Tensor | None = None) -> nn.Module:
+    """A quantizer for `scheme`, its static range set from x's absolute maximum (x unused when dynamic)."""
+    if x is None and not scheme.dynamic:
+        raise ValueError(f"a static {scheme.name} quantizer needs the tensor whose range it takes")
+    return _SCALES[scheme.scale][1](scheme, x)
