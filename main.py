@@ -233,8 +233,7 @@ def run(args) -> dict:
     from utils.hub import hub_offline
     offline = hub_offline()  # before the hub libraries are imported: offline, hub names fail at once
     import torch
-    from utils import data, evaluation, models, params, resume
-    from utils.calibrate import prepare_model, release_originals
+    from utils import data, evaluation, models, params
     from utils.report import check_finite_results, format_table, write_results
 
     model_args = models.parse_model_args(args.model_args)
@@ -259,28 +258,8 @@ def run(args) -> dict:
 
     result = {"model": name, "quant_config": config.name if config else "FP", "qbits": config.qbits if config else None,
               "settings": config.to_dict() if config else None}
-    if config is not None and config.method == "flatquant":
-        result.update(run_flatquant(args, config, model, tokenizer, name))
-    elif config is not None:
-        adapter = prepare_model(model, config)
-        fingerprint = models.model_fingerprint(model)
-        calib_size = args.calib_size or 32
-        calib_tag = f"{Path(args.calib_dataset).stem}{calib_size}x{args.calib_seqlen}s{args.seed}"
-        path = Path(args.ptq_param_path or params.default_path("search_result", config, name, fingerprint, calib_tag))
-        resuming = args.resume or args.reuse_params  # an unfinished file of these settings is continued
-        if args.only_eval or (resuming and path.exists() and not resume.is_unfinished(path)):
-            params.load_params(path, model, config)
-            release_originals(model)
-            print(f"loaded quantization parameters from {path}")
-        else:
-            calib = data.calibration_samples(tokenizer, args.calib_dataset, calib_size, args.calib_seqlen, args.seed)
-            extra = {"calibration": {"dataset": args.calib_dataset, "size": calib_size, "seqlen": args.calib_seqlen,
-                                     "seed": args.seed}}
-            report, path = resume.calibrate_resumable(model, config, calib, adapter, path, name, extra, fingerprint,
-                                                      resuming)
-            print(f"saved quantization parameters to {path}")
-            result["calibration"] = report.to_dict()
-        result["param_path"] = str(path)
+    if config is not None:
+        result.update(quantize_model(args, config, model, tokenizer, name))
 
     max_windows = args.ppl_limit or (int(args.limit) if args.limit and args.limit >= 1 else None)
     result["ppl"] = {}
@@ -319,30 +298,30 @@ def reference_file_config(args, config):
     return adjusted
 
 
-def run_flatquant(args, config, model, tokenizer, name) -> dict:
-    """Calibrate (or resume, or reload) FlatQuant; the matrix file is the saved artifact."""
+def quantize_model(args, config, model, tokenizer, name) -> dict:
+    """Calibrate with the config's method, writing its parameter file (or continue / reload one)."""
     from utils import data, models
-    from utils.errors import Interrupted
-    from utils.flatquant import default_matrix_path, flat_quantize
-    from utils.resume import RESUME_HINT, matrix_blocks_saved
+    from utils.calibrate import quantize
+    from utils.methods import ParamFile, method_for
+    method = method_for(config)
     fingerprint = models.model_fingerprint(model)
-    calib_tag = f"{Path(args.calib_dataset).stem}{config.flat.nsamples}x{args.calib_seqlen}s{args.seed}"
-    path = args.matrix_path or args.ptq_param_path
-    path = Path(path) if path else default_matrix_path("search_result", config, name, fingerprint, calib_tag)
-    if path.is_dir() or not path.suffix:
-        path = path / "flat_matrices.safetensors"
-    mode = "reload" if (args.reload_matrix or args.only_eval) else "resume" if args.resume else "calibrate"
-    needs_data = mode != "reload" or config.flat.weight_quantizer != "rtn"  # GPTQ / the search need inputs
-    calib = data.calibration_samples(tokenizer, args.calib_dataset, config.flat.nsamples if needs_data else 1,
-                                     args.calib_seqlen, args.seed)
-    try:
-        report = flat_quantize(model, config, calib, path, name, fingerprint, mode=mode, release_originals=True)
-    except KeyboardInterrupt:
-        blocks = len(models.get_module(model, models.adapter_for(model).layers))
-        raise Interrupted(f"FlatQuant calibration interrupted; {matrix_blocks_saved(path)} of {blocks} blocks are "
-                          f"saved in {path}; {RESUME_HINT}") from None
-    print(f"FlatQuant matrices: {path} ({mode})")
-    return {"calibration": report.to_dict(), "param_path": str(path)}
+    windows = method.calibration_windows(config, args.calib_size)
+    calib_tag = f"{Path(args.calib_dataset).stem}{windows}x{args.calib_seqlen}s{args.seed}"
+    given = args.matrix_path or args.ptq_param_path
+    path = method.resolve_path(Path(given)) if given else method.default_path("search_result", config, name,
+                                                                                fingerprint, calib_tag)
+    mode = ("reload" if args.only_eval or args.reload_matrix else
+            "resume" if args.resume or args.reuse_params else "calibrate")  # resume: an unfinished file continues
+    reads = method.calibration_windows(config, args.calib_size, mode)
+    calib = (data.calibration_samples(tokenizer, args.calib_dataset, reads, args.calib_seqlen, args.seed)
+             if reads else None)
+    extra = {"calibration": {"dataset": args.calib_dataset, "size": windows, "seqlen": args.calib_seqlen,
+                             "seed": args.seed}}
+    report = quantize(model, config, calib, files=ParamFile(path, mode, name, fingerprint, extra),
+                      release_originals=True)
+    print(f"{'loaded' if report.loaded else 'saved'} quantization parameters {'from' if report.loaded else 'to'} "
+          f"{report.param_path}")
+    return {"param_path": report.param_path, **({} if report.loaded else {"calibration": report.to_dict()})}
 
 
 def main(argv=None):

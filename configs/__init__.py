@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field, replace
 from quant_layers.formats import NUMERICS
 from quant_layers.search import SearchSettings
 
-METHODS = ("minmax", "fpq_baseline", "fpq", "flatquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq", "fpq_search")
 
 
@@ -61,7 +60,7 @@ class FlatSettings:
 @dataclass(frozen=True)
 class QuantConfig:
     name: str
-    method: str  # "minmax": fixed format and absmax ranges; "fpq_baseline"/"fpq": LLM-FP4's search
+    method: str  # a registered method (utils/methods/): "minmax", "fpq_baseline", "fpq", "flatquant", ...
     element: str = "fp"  # "fp" or "int" (INT only with "minmax")
     w_bits: int = 4
     a_bits: int = 4
@@ -83,14 +82,11 @@ class QuantConfig:
     flat: FlatSettings | None = None  # the "flatquant" method's settings
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.element not in ("fp", "int") or (self.element == "int" and self.method not in ("minmax", "flatquant")):
-            raise ValueError("element must be 'fp', or 'int' with the minmax and flatquant methods")
-        if (self.method == "flatquant") != (self.flat is not None):
-            raise ValueError("the flatquant method needs FlatSettings (flat=...), and only it")
+        # the method's own requirements are checked by its handler (utils/methods/)
+        if self.element not in ("fp", "int"):
+            raise ValueError(f"element must be 'fp' or 'int', got {self.element!r}")
         if self.fp_numerics not in NUMERICS or (self.fp_numerics == "reference" and
-                                                 (self.element != "fp" or self.method == "flatquant")):
+                                                 (self.element != "fp" or self.flat is not None)):
             raise ValueError(f"fp_numerics must be one of {NUMERICS}; 'reference' applies to the FP configs of "
                              f"LLM-FP4 (MinMax, FPQ, FPQ baseline), got {self.fp_numerics!r} with {self.name}")
         if self.preshift not in ("simulated", "folded"):

@@ -8,7 +8,7 @@ import pytest
 from tiny_folder import save_tiny_model
 
 import main
-from utils import calibrate, models
+from utils import llm_fp4, models
 from utils.resume import is_unfinished
 
 
@@ -61,14 +61,14 @@ def test_parameters_go_to_a_named_fallback_when_the_folder_disappears(monkeypatc
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     out = tmp_path / "out"
-    real = calibrate._calibrate_block
+    real = llm_fp4.calibrate_block
 
     def block(block_module, index, *args):
         if index == 1:  # the location breaks after the check, during calibration
             shutil.rmtree(out)
             out.write_text("not a folder any more")
         return real(block_module, index, *args)
-    monkeypatch.setattr(calibrate, "_calibrate_block", block)
+    monkeypatch.setattr(llm_fp4, "calibrate_block", block)
     model = save_tiny_model(tmp_path / "model")
     code = main.main(["--model_args", f"pretrained={model}", "--device", "cpu", "--calib_dataset", "enwiki",
                       "--calib_size", "4", "--calib_seqlen", "32", "--search_intervals", "0.01", "1.2", "6",

@@ -11,7 +11,7 @@ from tiny_folder import save_tiny_model
 
 import main
 from configs import load_config
-from utils import calibrate
+from utils import llm_fp4
 from utils.calibrate import prepare_model
 from utils.errors import Interrupted, ParamFileError
 from utils.models import model_fingerprint
@@ -28,14 +28,14 @@ def small(name, feed_quantized=False):
 
 def interrupt_at(monkeypatch, stop_index, calibrated):
     """Ctrl-C when block `stop_index` starts calibrating; `calibrated` records the blocks that were."""
-    real = calibrate._calibrate_block
+    real = llm_fp4.calibrate_block
 
     def block(block_module, index, *args):
         if index == stop_index:
             raise KeyboardInterrupt
         calibrated.append(index)
         return real(block_module, index, *args)
-    monkeypatch.setattr(calibrate, "_calibrate_block", block)
+    monkeypatch.setattr(llm_fp4, "calibrate_block", block)
 
 
 def calibrate_file(config, calib_ids, path, resume=False):

@@ -1,241 +1,32 @@
-"""The calibration driver: wraps a model, captures each decoder block's inputs once, calibrates the
-block's linears from that capture, then moves on (block-wise, not one full forward per linear).
+"""The library's entry point: `quantize(model, config, calib)` runs the method the config names (utils/methods/)
+in place on the model, block by block (utils/pipeline.py).
 
-Numerics (formats, searches) come from quant_layers; this file only knows where modules are.
+The other names here are re-exported for library users: the LLM-FP4 block step's helpers and the switches
+between full-precision and quantized forward.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
-from torch import nn
-from tqdm import tqdm
 
 from configs import QuantConfig
-from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, QuantEmbedding, QuantLinear
-from quant_layers.flat import KVQuant
-from quant_layers.search import BIAS_FIRST, WEIGHT_FIRST, search_embedding
 
-from .adapters import ModelAdapter, adapter_for
-from .models import get_module, set_module, untie_embeddings
-from .pipeline import capture_block_inputs, record_inputs, run_block
-
-
-@dataclass
-class CalibrationReport:
-    seconds: float = 0.0
-    peak_memory_mb: float = 0.0
-    block_seconds: list = field(default_factory=list)
-    layers: dict = field(default_factory=dict)  # module path -> {"minmax", "searched", formats}
-
-    def to_dict(self) -> dict:
-        return {"seconds": round(self.seconds, 2), "peak_memory_mb": round(self.peak_memory_mb, 1),
-                "block_seconds": [round(s, 2) for s in self.block_seconds], "layers": self.layers}
-
-
-def quantized_linear_paths(model, adapter: ModelAdapter) -> list[str]:
-    blocks = get_module(model, adapter.layers)
-    return [f"{adapter.layers}.{i}.{name}" for i in range(len(blocks))
-            for group in adapter.linear_groups for name in group]
-
-
-def prepare_model(model, config: QuantConfig, adapter: ModelAdapter | None = None) -> ModelAdapter:
-    """Untie embeddings and replace every quantized linear / the table by its wrapper (idempotent)."""
-    adapter = adapter or adapter_for(model)
-    untie_embeddings(model, adapter)
-    paths = quantized_linear_paths(model, adapter) + ([adapter.lm_head] if config.quantize_lm_head else [])
-    for path in paths:
-        module = get_module(model, path)
-        if isinstance(module, nn.Linear):
-            set_module(model, path, QuantLinear(module))
-    table = get_module(model, adapter.embedding)
-    if config.quantize_embedding and isinstance(table, nn.Embedding):
-        scale = getattr(table, adapter.embedding_scale) if adapter.embedding_scale else None
-        set_module(model, adapter.embedding, QuantEmbedding(table, scale))
-    return adapter
-
-
-def quant_modules(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
-
-
-def set_quantized(model, enabled: bool):
-    """Switch every calibrated wrapper (and FlatQuant's attention Q/K/V quantizers) on or off."""
-    for module in quant_modules(model).values():
-        module.quantize = enabled and module.quantized_weight is not None
-    for module in model.modules():
-        if isinstance(module, KVQuant):
-            module.quantize = enabled
-
-
-def release_originals(model):
-    """Drop the full-precision weight of every frozen wrapper (see QuantLinear.release_original)."""
-    for module in quant_modules(model).values():
-        if module.quantized_weight is not None:
-            module.release_original()
-
-
-# ----- per-module calibration -----
-def calibrate_embedding(module: QuantEmbedding, config: QuantConfig):
-    if config.e_bits >= 16:
-        return
-    w = module.weight.detach()
-    if config.element == "int":
-        module.weight_quantizer = IntQuantizer.minmax(w, config.e_bits, "tensor")
-    elif config.embedding_search and config.method != "minmax":
-        module.weight_quantizer = search_embedding(w, config.e_bits, config.search, config.fp_numerics)
-    else:
-        module.weight_quantizer = FPQuantizer.minmax(w, FPFormat.from_bits(config.e_bits, config.e_exp, config.fp_numerics), "tensor")
-    module.freeze()
-
-
-def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantConfig, shared: dict | None = None) -> dict:
-    """Set the weight and activation quantizers of one linear from its captured inputs [tokens, in].
-
-    Linears that read the same inputs may pass one `shared` dict so input-side terms are computed once."""
-    w = module.weight.detach()
-    quant_w, quant_a = config.w_bits < 16, config.a_bits < 16
-    if config.element == "int":
-        module.weight_quantizer = IntQuantizer.minmax(w, config.w_bits, "row") if quant_w else None
-        module.act_quantizer = IntQuantizer.minmax(inputs, config.a_bits, "tensor") if quant_a else None
-        module.freeze()
-        return {}
-    search = LinearSearch(w, inputs, config.search, per_channel=config.method == "fpq",
-                          folded=config.method == "fpq" and config.preshift == "folded", shared=shared)
-    w_fmt = FPFormat.from_bits(config.w_bits, config.w_exp, config.fp_numerics) if quant_w else None
-    a_fmt = FPFormat.from_bits(config.a_bits, config.a_exp, config.fp_numerics) if quant_a else None
-    order = BIAS_FIRST if config.method == "fpq" else WEIGHT_FIRST
-    weight, act, report = search.run(w_fmt, a_fmt, order, search=config.method != "minmax")
-    module.weight_quantizer = search.weight_quantizer(weight, act) if quant_w else None
-    if quant_a:
-        module.act_quantizer, module.input_shift = search.act_quantizer(act)
-    del search  # its cached loss terms are as large as the weight: free them before freeze() makes a copy
-    module.freeze()
-    return {**report, "w_format": weight.fmt.name if quant_w else None, "a_format": act.fmt.name if quant_a else None}
-
-
-# ----- the block-wise driver -----
-def capture_linear_inputs(block, names, hidden, call_kwargs, batch_size):
-    """Block outputs and the flattened inputs [tokens, in] of each named linear (one forward pass)."""
-    store = {name: [] for name in names}
-    out = record_inputs(block, names, hidden, call_kwargs,
-                        lambda name, x: store[name].append(x.reshape(-1, x.shape[-1])), batch_size)
-    return out, {name: torch.cat(chunks) for name, chunks in store.items()}
+from .adapters import ModelAdapter
+from .llm_fp4 import calibrate_linear, prepare_model  # noqa: F401  (public library names)
+from .methods import ParamFile, method_for
+from .pipeline import (CalibrationReport, PeakMemory, quant_modules, release_originals,  # noqa: F401
+                       set_quantized)
 
 
 @torch.no_grad()
-def quantize(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,
+def quantize(model, config: QuantConfig, calib_data: torch.Tensor | None, adapter: ModelAdapter | None = None,
              batch_size: int = 1, progress: bool = True, release_originals: bool = False,
-             restored_blocks: int = 0, after_block=None) -> CalibrationReport:
+             files: ParamFile | None = None) -> CalibrationReport:
     """Calibrate `model` in place for `config` on token windows `calib_data` [N, T]; returns a report.
 
-    Library entry point: after it returns, the model runs fake-quantized. With `release_originals` each
-    module drops its full-precision weight once calibrated (one copy of the weights in memory instead of
-    two; the model can no longer run unquantized: take `model_fingerprint` before, if needed).
-
-    Resuming (FPQ / MinMax): `after_block(index, blocks)` is called after each finished block (to save the
-    parameters so far); `restored_blocks` says that the table and the first blocks already hold the
-    quantizers of an interrupted run of the same settings (see load_params(partial_ok=True)): they are not
-    searched again, only run, so later blocks see the inputs the uninterrupted run gave them.
+    After it returns, the model runs fake-quantized. With `release_originals` each module drops its
+    full-precision weight once calibrated (one copy of the weights in memory instead of two; the model can no
+    longer run unquantized: take `model_fingerprint` before, if needed). With `files` the method writes its
+    parameters there as blocks finish, continues an unfinished file (mode "resume") or only loads it ("reload").
     """
-    if config.method == "flatquant":  # trains and folds transforms; see utils/flatquant.py
-        from .flatquant import flat_quantize
-        return flat_quantize(model, config, calib_data, adapter=adapter, progress=progress,
-                             release_originals=release_originals)
-    adapter = prepare_model(model, config, adapter)
-    report, started = CalibrationReport(), time.perf_counter()
-    with PeakMemory(model.device) as memory:
-        _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release_originals,
-                       restored_blocks, after_block)
-    report.seconds = time.perf_counter() - started
-    report.peak_memory_mb = memory.peak_mb
-    return report
-
-
-def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release, restored, after_block):
-    set_quantized(model, False)
-
-    def finish(module):  # switch a calibrated module (or block) to quantized forward
-        set_quantized(module, True)
-        if release:
-            release_originals(module)
-
-    table = get_module(model, adapter.embedding)
-    if isinstance(table, QuantEmbedding) and not restored:
-        with tqdm(total=1, desc=f"calibrating embedding ({table.num_embeddings} rows)", disable=not progress) as bar:
-            calibrate_embedding(table, config)
-            bar.update()
-    if isinstance(table, QuantEmbedding):
-        table.quantize = False  # blocks are calibrated on full-precision inputs
-
-    captured = capture_block_inputs(model, adapter, calib_data, batch_size)
-    hidden = captured.hidden
-    if isinstance(table, QuantEmbedding):
-        finish(table)
-    blocks = get_module(model, adapter.layers)
-    for index, block in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress)):
-        block_start = time.perf_counter()
-        call_kwargs = captured.call_kwargs[index]
-        if index < restored:  # its quantizers are loaded: only its full-precision output is needed
-            fp_out = run_block(block, hidden, call_kwargs, batch_size)
-        else:
-            fp_out = _calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report)
-        finish(block)
-        hidden = run_block(block, hidden, call_kwargs, batch_size) if config.feed_quantized else fp_out
-        report.block_seconds.append(time.perf_counter() - block_start)
-        if after_block is not None and index >= restored:
-            after_block(index, len(blocks))
-
-    head = get_module(model, adapter.lm_head)
-    if isinstance(head, QuantLinear):
-        with tqdm(total=1, desc="calibrating lm_head", disable=not progress) as bar:
-            normed = get_module(model, adapter.final_norm)(hidden)
-            report.layers[adapter.lm_head] = calibrate_linear(head, normed.reshape(-1, normed.shape[-1]), config)
-            bar.update()
-        finish(head)
-    set_quantized(model, True)
-
-
-def _calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report):
-    """Calibrate every linear of one block on its inputs; returns the block's full-precision output."""
-    heads = [group[0] for group in adapter.linear_groups]
-    fp_out, inputs = capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
-    for group in adapter.linear_groups:
-        shared = {}
-        for name in group:
-            path = f"{adapter.layers}.{index}.{name}"
-            report.layers[path] = calibrate_linear(block.get_submodule(name), inputs[group[0]], config, shared)
-    return fp_out
-
-
-class PeakMemory:
-    """Peak memory while the block runs: CUDA's allocator peak, or on CPU the process's resident set
-    sampled every 20 ms (the model itself included, as the reference's 7.6 GB figure)."""
-
-    def __init__(self, device):
-        self.device, self.peak_mb = device, 0.0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        import threading
-        import psutil
-        process, self._stop = psutil.Process(), threading.Event()
-
-        def sample():
-            while True:
-                self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2 ** 20)
-                if self._stop.wait(0.02):
-                    return
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        else:
-            self._stop.set()
-            self._thread.join()
+    return method_for(config).quantize(model, config, calib_data, adapter, files, batch_size=batch_size,
+                                       progress=progress, release_originals=release_originals)

@@ -1,4 +1,4 @@
-"""FlatQuant calibration (spec A.5-A.6), block by block on the driver of utils/calibrate.py:
+"""FlatQuant calibration (spec A.5-A.6), block by block on the pipeline of utils/pipeline.py:
 
 1. run the block in full precision (its outputs are the targets; per-channel input maxima seed the scales);
 2. put trainable `FlatLinear`s and a `KVQuant` in it and train transforms, scales and clipping with AdamW
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,8 @@ from quant_layers.learnable import DynamicQuantizer, WeightClip
 from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_factor, kronecker_factors, make_factor
 
 from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, model_dims
-from .calibrate import CalibrationReport, PeakMemory, set_quantized
 from .models import get_module, set_module
-from .pipeline import capture_block_inputs, record_inputs, run_block
+from .pipeline import CalibrationReport, PeakMemory, capture_block_inputs, record_inputs, run_block, set_quantized
 from .errors import UserError
 from .files import atomic_write
 
@@ -379,7 +378,8 @@ def quantize_block_weights(block, adapter, config, hidden, call_kwargs) -> dict:
         inputs, shared = (torch.cat(captured) if keep else None), {}
         for name, module in zip(group, modules):
             losses[name] = _quantize_weight(module, hessian, inputs, config, shared)
-        del captured, inputs
+        captured.clear()  # free the group's inputs before the next group's pass
+        del inputs
     return losses
 
 

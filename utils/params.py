@@ -19,7 +19,7 @@ from configs import QuantConfig
 from quant_layers import FPFormat, FPQuantizer, QuantEmbedding
 from quant_layers.quantizers import quantizer_from_state, quantizer_to_state
 
-from .calibrate import quant_modules
+from .pipeline import quant_modules
 from .models import model_fingerprint
 from .errors import ParamFileError
 from .files import atomic_write

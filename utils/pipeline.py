@@ -1,16 +1,20 @@
 """The block-wise machinery every method shares: capture the first decoder block's inputs once, run one block
-on captured hidden states, and record what named modules inside a block receive while it runs.
+on captured hidden states, record what named modules inside a block receive while it runs; switch wrapped
+modules between full-precision and quantized forward; the calibration report and its peak-memory probe.
 
 Each block keeps its own call arguments: families that mix attention kinds (Gemma 3's sliding and full
 layers, Mistral's sliding window) give each layer its own mask and rotary embedding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+
+from quant_layers import QuantEmbedding, QuantLinear
+from quant_layers.flat import KVQuant
 
 from .adapters import ModelAdapter
 from .models import get_module
@@ -75,3 +79,69 @@ def record_inputs(block: nn.Module, names, hidden: torch.Tensor, call_kwargs: di
     finally:
         for handle in handles:
             handle.remove()
+
+
+def quant_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+
+
+def set_quantized(model, enabled: bool):
+    """Switch every calibrated wrapper (and FlatQuant's attention Q/K/V quantizers) on or off."""
+    for module in quant_modules(model).values():
+        module.quantize = enabled and module.quantized_weight is not None
+    for module in model.modules():
+        if isinstance(module, KVQuant):
+            module.quantize = enabled
+
+
+def release_originals(model):
+    """Drop the full-precision weight of every frozen wrapper (see QuantLinear.release_original)."""
+    for module in quant_modules(model).values():
+        if module.quantized_weight is not None:
+            module.release_original()
+
+
+@dataclass
+class CalibrationReport:
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    block_seconds: list = field(default_factory=list)
+    layers: dict = field(default_factory=dict)  # module path -> {"minmax", "searched", formats}
+    param_path: str | None = None  # the parameter / matrix file written or read, when the run had one
+    loaded: bool = False  # the parameters were loaded from param_path, not calibrated
+
+    def to_dict(self) -> dict:
+        return {"seconds": round(self.seconds, 2), "peak_memory_mb": round(self.peak_memory_mb, 1),
+                "block_seconds": [round(s, 2) for s in self.block_seconds], "layers": self.layers}
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA's allocator peak, or on CPU the process's resident set
+    sampled every 20 ms (the model itself included, as the reference's 7.6 GB figure)."""
+
+    def __init__(self, device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import threading
+        import psutil
+        process, self._stop = psutil.Process(), threading.Event()
+
+        def sample():
+            while True:
+                self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2 ** 20)
+                if self._stop.wait(0.02):
+                    return
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        else:
+            self._stop.set()
+            self._thread.join()

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .calibrate import quant_modules, quantize
 from .errors import Interrupted, ParamFileError
 from .files import save_with_fallback
+from .llm_fp4 import calibrate_blocks
 from .models import get_module
 from .params import check_overwrite, load_params, read_metadata, save_params
+from .pipeline import quant_modules
 
 RESUME_HINT = "rerun the same command with --resume to continue"
 
@@ -78,15 +79,15 @@ class BlockCheckpoint:
 
 
 def calibrate_resumable(model, config, calib, adapter, path: Path, model_name: str, extra: dict, fingerprint: dict,
-                        resume: bool):
+                        resume: bool, release: bool = True):
     """Calibrate (continuing the unfinished file at `path` with `resume`), checkpointing after every block,
     then write the finished parameters. Returns (report, the path written)."""
     check_overwrite(path, fingerprint)  # now, not after the calibration
     done = restore_progress(path, model, config, adapter, extra) if resume else 0
     checkpoint = BlockCheckpoint(path, model, config, model_name, extra, fingerprint, done)
     try:
-        report = quantize(model, config, calib, adapter, release_originals=True, restored_blocks=done,
-                          after_block=checkpoint)
+        report = calibrate_blocks(model, config, calib, adapter, release_originals=release, restored_blocks=done,
+                                  after_block=checkpoint)
     except KeyboardInterrupt:
         raise checkpoint.interrupted(path) from None
     written = save_with_fallback(path, lambda target: save_params(target, model, config, model_name, extra,

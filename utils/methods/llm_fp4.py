@@ -1,0 +1,51 @@
+"""LLM-FP4's methods: MinMax (fixed formats, absmax ranges), FPQ baseline and FPQ (format and exponent-bias
+search, FPQ with the pre-shifted bias). Parameter files: written block by block, resumable, reloadable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+from ..llm_fp4 import calibrate_blocks, prepare_model
+from ..params import default_path, load_params
+from ..pipeline import CalibrationReport, release_originals
+from ..resume import calibrate_resumable, is_unfinished
+from . import Method, ParamFile, register_method
+
+DEFAULT_WINDOWS = 32  # the paper's 32 calibration segments
+
+
+@register_method("minmax", "fpq_baseline", "fpq")
+class LLMFP4(Method):
+    def check(self, config):
+        if config.flat is not None:
+            raise UsageError(f"{config.name}: FlatQuant settings (flat=...) belong to the flatquant method")
+        if config.element == "int" and config.method != "minmax":
+            raise UsageError(f"{config.name}: INT elements run with the minmax method (MinMax_INT_config_llama) or "
+                             "FlatQuant; the LLM-FP4 search is for FP formats")
+
+    def calibration_windows(self, config, requested, mode="calibrate") -> int:
+        return 0 if mode == "reload" else requested or DEFAULT_WINDOWS
+
+    def default_path(self, root, config, model_name, fingerprint, calib_tag) -> Path:
+        return default_path(root, config, model_name, fingerprint, calib_tag)
+
+    def quantize(self, model, config, calib, adapter, files: ParamFile | None, *, batch_size, progress,
+                 release_originals):
+        if files is None:
+            return calibrate_blocks(model, config, calib, adapter, batch_size, progress, release_originals)
+        adapter = prepare_model(model, config, adapter)
+        finished = files.path.exists() and not is_unfinished(files.path)
+        if files.mode == "reload" or (files.mode == "resume" and finished):
+            load_params(files.path, model, config)
+            _release(model, release_originals)
+            return CalibrationReport(param_path=str(files.path), loaded=True)
+        report, written = calibrate_resumable(model, config, calib, adapter, files.path, files.model_name, files.extra,
+                                              files.fingerprint, resume=files.mode == "resume",
+                                              release=release_originals)
+        report.param_path = str(written)
+        return report
+
+
+def _release(model, release: bool):
+    if release:
+        release_originals(model)
