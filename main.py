@@ -314,9 +314,10 @@ def figure_reference(args, config, model, tokenizer):
 
 
 def write_figures(folder, figures, result):
-    from utils.figure_data import run_caption, write_figure_data
+    from utils.figure_data import run_caption, run_format_map, write_figure_data
     from utils.plots import redraw
-    write_figure_data(folder, figures, run_caption(result))
+    heat_map = run_format_map(result)  # rebuilt on every run: an earlier run's map may be in the folder
+    write_figure_data(folder, {**figures, **({"format_map": heat_map} if heat_map else {})}, run_caption(result))
     for png in redraw(folder):
         print(f"figure written to {png}")
 

@@ -149,7 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="llmfp4")
     p.add_argument("--output", default=None, help="also write the table (.md) and the rows (.json beside it)")
     p.add_argument("--plots", default=None, metavar="FOLDER",
-                   help="draw ours vs the paper as grouped bars: FOLDER/paper_comparison.png (+ .json); needs matplotlib")
+                   help="draw ours vs the paper as grouped bars: FOLDER/paper_comparison.png (+ .json); "
+                        "needs matplotlib")
     args = p.parse_args(argv)
     folders = [Path(f) for f in args.folders]
     missing = [str(f) for f in folders if not f.is_dir()]

@@ -87,7 +87,8 @@ def test_every_figure_is_a_png_with_its_json(fpq_run):
 
 def test_channel_ranges_hold_every_channel_before_and_after_the_preshift(fpq_run):
     layers = load(fpq_run[0], "channel_ranges")["layers"]
-    assert list(layers) == [f"model.layers.{b}.{n}" for b in range(BLOCKS) for n in ("self_attn.q_proj", "mlp.down_proj")]
+    heads = ("self_attn.q_proj", "mlp.down_proj")
+    assert list(layers) == [f"model.layers.{b}.{n}" for b in range(BLOCKS) for n in heads]
     for path, ranges in layers.items():
         width = INTERMEDIATE if path.endswith("down_proj") else HIDDEN
         assert len(ranges["before"]) == len(ranges["after"]) == width

@@ -104,8 +104,9 @@ def minmax_quantizers(config: QuantConfig, weight: torch.Tensor, x: torch.Tensor
         w_quant = IntQuantizer.minmax(weight, config.w_bits, "row") if config.w_bits < 16 else None
         a_quant = IntQuantizer.minmax(x, config.a_bits, "tensor") if config.a_bits < 16 else None
     else:
-        fmt = lambda kind: FPFormat.from_bits(getattr(config, f"{kind}_bits"), getattr(config, f"{kind}_exp"),  # noqa: E731
-                                              config.fp_numerics)
+        def fmt(kind):
+            bits, exponent = getattr(config, f"{kind}_bits"), getattr(config, f"{kind}_exp")
+            return FPFormat.from_bits(bits, exponent, config.fp_numerics)
         w_quant = FPQuantizer.minmax(weight, fmt("w"), "row") if config.w_bits < 16 else None
         a_quant = FPQuantizer.minmax(x, fmt("a"), "tensor") if config.a_bits < 16 else None
     return w_quant, a_quant
@@ -133,9 +134,9 @@ def capture_reference(model, config: QuantConfig, samples: torch.Tensor) -> Refe
             def hook(module, args, _out):
                 x, weight = args[0], module.weight.detach()
                 w_quant, a_quant = minmax_quantizers(config, weight.float(), x)
-                quantized = torch.nn.functional.linear(x if a_quant is None else a_quant(x),
-                                                       weight if w_quant is None else w_quant(weight.float()).to(weight.dtype),
-                                                       module.bias)
+                if w_quant is not None:
+                    weight = w_quant(weight.float()).to(weight.dtype)
+                quantized = torch.nn.functional.linear(x if a_quant is None else a_quant(x), weight, module.bias)
                 path = f"{prefix}.{name}"
                 reference.minmax_error[path] = relative_mse(_flat(quantized), reference.outputs[path])
                 return quantized
@@ -182,7 +183,8 @@ def method_label(config: QuantConfig) -> str:
     if config.method == "flatquant":
         weights = {"rtn": "RTN", "gptq": "GPTQ", "fpq_search": "FPQ weight search"}[config.flat.weight_quantizer]
         return f"FlatQuant ({'transformed, ' if config.flat.transform else ''}{weights})"
-    return {"minmax": "MinMax", "fpq_baseline": "FPQ baseline (searched)", "fpq": "FPQ (searched, pre-shifted)"}[config.method]
+    labels = {"minmax": "MinMax", "fpq_baseline": "FPQ baseline (searched)", "fpq": "FPQ (searched, pre-shifted)"}
+    return labels[config.method]
 
 
 def chosen_layers(model, adapter: ModelAdapter) -> list[str]:
@@ -263,7 +265,8 @@ def format_map(path: str | Path, adapter: ModelAdapter | None = None) -> dict:
     names = [name for group in adapter.linear_groups for name in group]
     if meta["kind"] == "llm_fp4":
         modules = meta["modules"]
-        count = 1 + max(int(p[len(adapter.layers) + 1:].split(".")[0]) for p in modules if p.startswith(adapter.layers + "."))
+        prefix = adapter.layers + "."
+        count = 1 + max(int(p[len(prefix):].split(".")[0]) for p in modules if p.startswith(prefix))
 
         def cell(block, name, slot):
             path = f"{adapter.layers}.{block}.{name}"
@@ -271,8 +274,7 @@ def format_map(path: str | Path, adapter: ModelAdapter | None = None) -> dict:
         slots = {"weight": "weight_quantizer", "activation": "act_quantizer"}
     else:
         count = len(meta["blocks"])
-        elements = {k: ("E2M1" if meta["element"] == "fp" and meta[f"{k}_bits"] == 4 else
-                        f"{meta['element'].upper()}{meta[f'{k}_bits']}") for k in ("w", "a")}
+        elements = {k: f"{meta['element'].upper()}{meta[f'{k}_bits']}" for k in ("w", "a")}
 
         def cell(block, name, slot):
             return _flat_cell(tensors, f"{adapter.layers}.{block}.{name}.{slot}_clip", elements[slot[0]])
@@ -280,10 +282,18 @@ def format_map(path: str | Path, adapter: ModelAdapter | None = None) -> dict:
     payload = {"linears": names, "blocks": count, "source": str(path)}
     for side, slot in slots.items():
         cells = [[cell(b, n, slot) for n in names] for b in range(count)]
-        kinds = {c[2] for row in cells for c in row if c[2]}
-        payload[side] = {"format": [[c[0] for c in row] for row in cells], "value": [[c[1] for c in row] for row in cells],
-                         "value_kind": ", ".join(sorted(kinds)) or None}
+        kinds = ", ".join(sorted({c[2] for row in cells for c in row if c[2]}))
+        payload[side] = {"format": [[c[0] for c in row] for row in cells],
+                         "value": [[c[1] for c in row] for row in cells], "value_kind": kinds or None}
     return payload
+
+
+def run_format_map(result: dict) -> dict | None:
+    """format_map of a results.json's parameter or matrix file; None when the run has none (or a reference .pt)."""
+    path = result.get("param_path")
+    if not path or Path(path).suffix != ".safetensors" or not Path(path).exists():
+        return None
+    return format_map(path)
 
 
 def write_figure_data(folder: str | Path, payloads: dict, caption: str):

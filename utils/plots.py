@@ -72,7 +72,8 @@ def draw_channel_ranges(plt, data: dict, png: Path):
                 values = sorted(ranges[key], reverse=True) if sort else ranges[key]
                 ax.plot(range(len(values)), values, color=color, lw=0.8, label=label)
             _log_y(ax)
-            ax.set_title(f"{short(path)} ({len(ranges['before'])} channels)" + (", sorted" if sort else ""), fontsize=10)
+            channels = len(ranges["before"])
+            ax.set_title(f"{short(path)} ({channels} channels)" + (", sorted" if sort else ""), fontsize=10)
             ax.set_xlabel("input channel, sorted by range" if sort else "input channel index")
             ax.set_ylabel("max |x| over tokens")
     _figure_legend(fig, axes[0][0])
@@ -102,8 +103,8 @@ def draw_layer_error(plt, data: dict, png: Path):
                        rotation=45, ha="right", fontsize=8)
     ax.legend()
     note = f"; not comparable after folding: {', '.join(data['not_comparable'])}" if data.get("not_comparable") else ""
-    _finish(plt, fig, data, f"Per-layer output error on the block's full-precision inputs ({data['tokens']} tokens{note})",
-            png)
+    title = f"Per-layer output error on the block's full-precision inputs ({data['tokens']} tokens{note})"
+    _finish(plt, fig, data, title, png)
 
 
 def _block(path: str) -> str:
@@ -114,7 +115,8 @@ def draw_flatness(plt, data: dict, png: Path):
     layers = data["layers"]
     fig, axes = plt.subplots(len(layers), 2, figsize=(11, 2.3 * len(layers) + 1), squeeze=False)
     for row, (path, values) in zip(axes, layers.items()):
-        for ax, operand, unit in zip(row, ("weight", "activation"), ("max |W| over output rows", "max |x| over tokens")):
+        units = ("max |W| over output rows", "max |x| over tokens")
+        for ax, operand, unit in zip(row, ("weight", "activation"), units):
             before, after = (("weight_before", "weight_after") if operand == "weight" else ("before", "after"))
             for key, color, label in ((before, "0.55", "before"), (after, "tab:green", "after")):
                 curve = sorted(values[key], reverse=True)
@@ -146,7 +148,8 @@ def draw_format_map(plt, data: dict, png: Path):
         ax.set_yticks(range(0, blocks, max(1, blocks // 15)))
         ax.set_xlabel("linear")
         ax.set_ylabel("block")
-        ax.set_title(f"{side}s: format (text) and {data[side]['value_kind'] or 'no learned range'} (colour)", fontsize=10)
+        kind = data[side]["value_kind"] or "no stored range"
+        ax.set_title(f"{side}s: format (text) and {kind} (colour)", fontsize=10)
     _finish(plt, fig, data, "Format and exponent bias (or clip factor) of every layer", png)
 
 
@@ -190,15 +193,15 @@ def draw(json_path: str | Path) -> Path:
 
 def add_format_map(folder: Path) -> Path | None:
     """format_map.json from the run's parameter / matrix file, unless it is there or the run has none."""
-    from .figure_data import format_map, run_caption, write_figure_data
+    from .figure_data import run_caption, run_format_map, write_figure_data
     target, results = folder / "format_map.json", folder / "results.json"
     if target.exists() or not results.exists():
         return None
     result = json.loads(results.read_text())
-    path = result.get("param_path")
-    if not path or not Path(path).exists() or Path(path).suffix != ".safetensors":
+    data = run_format_map(result)
+    if data is None:
         return None
-    write_figure_data(folder, {"format_map": format_map(path)}, run_caption(result))
+    write_figure_data(folder, {"format_map": data}, run_caption(result))
     return target
 
 
