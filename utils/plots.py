@@ -70,7 +70,7 @@ def draw_channel_ranges(plt, data: dict, png: Path):
             for key, color, label in (("before", "0.55", "before (input of the full-precision layer)"),
                                       ("after", "tab:blue", "after (what the activation quantizer sees)")):
                 values = sorted(ranges[key], reverse=True) if sort else ranges[key]
-                ax.plot(range(len(values)), values, color=color, lw=0.8, label=label)
+                ax.plot(range(len(values)), values, color=color, lw=0.6, label=label)
             _log_y(ax)
             channels = len(ranges["before"])
             ax.set_title(f"{short(path)} ({channels} channels)" + (", sorted" if sort else ""), fontsize=10)
