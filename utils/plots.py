@@ -102,8 +102,9 @@ def draw_layer_error(plt, data: dict, png: Path):
     ax.set_xticklabels([f"block {_block(layers[starts[i]]['path'])}" for i in range(0, len(starts), step)],
                        rotation=45, ha="right", fontsize=8)
     ax.legend()
-    note = f"; not comparable after folding: {', '.join(data['not_comparable'])}" if data.get("not_comparable") else ""
-    title = f"Per-layer output error on the block's full-precision inputs ({data['tokens']} tokens{note})"
+    skipped = data.get("not_comparable")
+    note = f"\n(left out: {', '.join(skipped)}, whose outputs folding moves to another basis)" if skipped else ""
+    title = f"Per-layer output error on the block's full-precision inputs ({data['tokens']} tokens){note}"
     _finish(plt, fig, data, title, png)
 
 
