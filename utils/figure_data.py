@@ -183,7 +183,7 @@ def method_label(config: QuantConfig) -> str:
     if config.method == "flatquant":
         weights = {"rtn": "RTN", "gptq": "GPTQ", "fpq_search": "FPQ weight search"}[config.flat.weight_quantizer]
         return f"FlatQuant ({'transformed, ' if config.flat.transform else ''}{weights})"
-    labels = {"minmax": "MinMax", "fpq_baseline": "FPQ baseline (searched)", "fpq": "FPQ (searched, pre-shifted)"}
+    labels = {"minmax": "MinMax, ranges from every calibration window", "fpq_baseline": "FPQ baseline (searched)", "fpq": "FPQ (searched, pre-shifted)"}
     return labels[config.method]
 
 

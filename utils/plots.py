@@ -89,7 +89,7 @@ def draw_layer_error(plt, data: dict, png: Path):
     layers = data["layers"]
     fig, ax = plt.subplots(figsize=(13, 5))
     x = range(len(layers))
-    ax.plot(x, [r["minmax"] for r in layers], "o-", ms=3, lw=0.8, color="tab:red", label="MinMax (absmax ranges)")
+    ax.plot(x, [r["minmax"] for r in layers], "o-", ms=3, lw=0.8, color="tab:red", label="MinMax, ranges from these tokens")
     calibrated = [(i, r["calibrated"]) for i, r in enumerate(layers) if r["calibrated"] is not None]
     ax.plot([i for i, _ in calibrated], [e for _, e in calibrated], "o-", ms=3, lw=0.8, color="tab:blue",
             label=data["method"])
