@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity datasets: wikitext2, c4 (hub), enwiki-heldout, abcnews (offline) or text files")
     g.add_argument("--ppl_seqlen", type=int, default=2048, help="perplexity window length")
     g.add_argument("--wandb_name", default=None, help="accepted for the reference's scripts; wandb is not used")
+    g.add_argument("--plots", action="store_true",
+                   help="write figures (PNG, with their data as JSON) next to results.json; needs matplotlib")
 
     q = p.add_argument_group("quantization")
     q.add_argument("--quant_config", default="FPQ_config_llama", help="a config name in configs/")
@@ -245,6 +247,8 @@ def run(args) -> dict:
         config = reference_file_config(args, config)
     folder = output_folder(args, name)
     check_param_output(args, config)
+    if args.plots:
+        check_plots(args, config)
     if args.tasks:  # load every task's data first: a task that cannot be had fails before calibration
         from utils import lm_eval_tasks
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -258,9 +262,15 @@ def run(args) -> dict:
 
     result = {"model": name, "quant_config": config.name if config else "FP", "qbits": config.qbits if config else None,
               "settings": config.to_dict() if config else None}
+    reference = figure_reference(args, config, model, tokenizer) if args.plots else None
     if config is not None:
         result.update(quantize_model(args, config, model, tokenizer, name))
 
+    figures = None
+    if reference is not None:
+        from utils.figure_data import layer_figures
+        figures = layer_figures(model, config, reference)
+        del reference
     max_windows = args.ppl_limit or (int(args.limit) if args.limit and args.limit >= 1 else None)
     result["ppl"] = {}
     for dataset in args.eval_ppl:
@@ -281,7 +291,37 @@ def run(args) -> dict:
     if folder is not None:
         write_results(folder, result, lm_eval_output)
         print(f"results written to {folder}/results.json")
+    if figures is not None:
+        write_figures(folder, figures, result)
     return result
+
+
+def check_plots(args, config):
+    """--plots needs a quantized run with an output folder, and matplotlib: say so before any work."""
+    from utils.errors import UsageError
+    from utils.plots import pyplot
+    if config is None or args.output_path is None:
+        raise UsageError("--plots draws a quantized run's figures into its results folder; pass --output_path and "
+                         "drop --fp_only")
+    pyplot()
+
+
+def figure_reference(args, config, model, tokenizer):
+    """The full-precision side of the figures, on a few calibration windows, before calibration."""
+    from utils import data
+    from utils.figure_data import FIGURE_SEQLEN, FIGURE_WINDOWS, capture_reference
+    samples = data.calibration_samples(tokenizer, args.calib_dataset, FIGURE_WINDOWS,
+                                       min(args.calib_seqlen, FIGURE_SEQLEN), args.seed)
+    return capture_reference(model, config, samples)
+
+
+def write_figures(folder, figures, result):
+    from utils.figure_data import run_caption, run_format_map, write_figure_data
+    from utils.plots import redraw
+    heat_map = run_format_map(result)  # rebuilt on every run: an earlier run's map may be in the folder
+    write_figure_data(folder, {**figures, **({"format_map": heat_map} if heat_map else {})}, run_caption(result))
+    for png in redraw(folder):
+        print(f"figure written to {png}")
 
 
 def reference_file_config(args, config):

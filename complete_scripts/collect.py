@@ -138,7 +138,8 @@ def table(rows: list[dict], protocol: str) -> tuple[str, list[dict]]:
             continue
         lines.append("| " + " | ".join([row["model"], row["method"], row["setting"], *cells]) + " |")
         collected.append({"path": row["path"], "model": row["model"], "method": row["method"],
-                          "setting": row["setting"], "scores": dict(zip(spec["tasks"], scores)), "average": average})
+                          "setting": row["setting"], "scores": dict(zip(spec["tasks"], scores)), "average": average,
+                          "paper": paper if protocol == "llmfp4" else None, "paper_average": paper_avg})
     return "\n".join(lines), collected
 
 
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("folders", nargs="*", default=["results"], help="folders searched for results.json")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="llmfp4")
     p.add_argument("--output", default=None, help="also write the table (.md) and the rows (.json beside it)")
+    p.add_argument("--plots", default=None, metavar="FOLDER",
+                   help="draw ours vs the paper as grouped bars: FOLDER/paper_comparison.png (+ .json); "
+                        "needs matplotlib")
     args = p.parse_args(argv)
     folders = [Path(f) for f in args.folders]
     missing = [str(f) for f in folders if not f.is_dir()]
@@ -159,7 +163,23 @@ def main(argv=None) -> int:
         out = Path(args.output)
         out.write_text(text + "\n")
         out.with_suffix(".json").write_text(json.dumps(collected, indent=2))
+    if args.plots:
+        print(f"figure written to {plot_comparison(Path(args.plots), collected, args.protocol, args.folders)}")
     return 0
+
+
+def plot_comparison(folder: Path, collected: list[dict], protocol: str, sources: list[str]) -> Path:
+    """paper_comparison.json (the rows with the paper's numbers) and its grouped-bar PNG."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit, when run as a script
+    from utils.plots import draw
+    spec = PROTOCOLS[protocol]
+    metric = "acc_norm where the task has it, else acc" if spec["norm"] else "acc"
+    data = {"figure": "paper_comparison", "caption": f"collect.py {' '.join(sources)} --protocol {protocol}",
+            "tasks": spec["tasks"], "headers": spec["headers"], "metric": metric, "rows": collected}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "paper_comparison.json"
+    path.write_text(json.dumps(data, indent=2))
+    return draw(path)
 
 
 if __name__ == "__main__":
