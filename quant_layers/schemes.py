@@ -43,12 +43,12 @@ class IntElement:
 DEFAULT_SCALE = {FPFormat: "exponent_bias", IntElement: "float"}
 Builder = Callable[["Scheme", "torch.Tensor | None"], nn.Module]
 # scale encoding -> (the element type it applies to, the builder of its quantizers); filled by register_scale
-_SCALES: dict[str, tuple[type, Builder]] = {}
+SCALES: dict[str, tuple[type, Builder]] = {}
 
 
 def register_scale(encoding: str, element_type: type, builder: Builder):
     """Let schemes use this scale encoding; `make_quantizer` builds their quantizers with `builder(scheme, x)`."""
-    _SCALES[encoding] = (element_type, builder)
+    SCALES[encoding] = (element_type, builder)
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,9 @@ class Scheme:
             raise ValueError(f"unknown granularity {self.granularity!r}; choose from {GRANULARITIES}")
         if (self.granularity == "group") != (self.group_size > 0):
             raise ValueError("a group size is given with granularity 'group', and only then")
-        if self.scale not in _SCALES:
-            raise ValueError(f"unknown scale encoding {self.scale!r}; choose from {tuple(_SCALES)}")
-        if not isinstance(self.element, _SCALES[self.scale][0]):
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown scale encoding {self.scale!r}; choose from {tuple(SCALES)}")
+        if not isinstance(self.element, SCALES[self.scale][0]):
             raise ValueError(f"scale encoding {self.scale!r} does not apply to {self.element.name}")
         if self.dynamic and self.granularity not in ("token", "group"):
             raise ValueError(f"a dynamic range is per token or per token x group, not per {self.granularity}")
@@ -98,4 +98,4 @@ def make_quantizer(scheme: Scheme, x: torch.Tensor | None = None) -> nn.Module:
     """A quantizer for `scheme`, its static range set from x's absolute maximum (x unused when dynamic)."""
     if x is None and not scheme.dynamic:
         raise ValueError(f"a static {scheme.name} quantizer needs the tensor whose range it takes")
-    return _SCALES[scheme.scale][1](scheme, x)
+    return SCALES[scheme.scale][1](scheme, x)

@@ -7,7 +7,7 @@ from ..errors import Interrupted, UsageError
 from ..flatquant import default_matrix_path, flat_quantize
 from ..models import adapter_for, get_module
 from ..resume import RESUME_HINT, matrix_blocks_saved
-from . import Method, ParamFile, register_method
+from .base import Method, ParamFile, register_method
 
 MATRIX_FILE = "flat_matrices.safetensors"  # the file inside a folder given as the matrix path
 

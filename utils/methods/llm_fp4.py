@@ -9,7 +9,7 @@ from ..llm_fp4 import calibrate_blocks, prepare_model
 from ..params import default_path, load_params
 from ..pipeline import CalibrationReport, release_originals
 from ..resume import calibrate_resumable, is_unfinished
-from . import Method, ParamFile, register_method
+from .base import Method, ParamFile, register_method
 
 DEFAULT_WINDOWS = 32  # the paper's 32 calibration segments
 
