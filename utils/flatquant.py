@@ -32,7 +32,7 @@ from quant_layers.learnable import DynamicQuantizer, WeightClip
 from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_factor, kronecker_factors, make_factor
 
 from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, model_dims
-from .models import get_module, set_module
+from .models import get_module, same_model, set_module
 from .pipeline import CalibrationReport, PeakMemory, capture_block_inputs, record_inputs, run_block, set_quantized
 from .errors import UserError
 from .files import atomic_write
@@ -436,7 +436,6 @@ def matrix_metadata(config: QuantConfig, model_name: str, fingerprint: dict) -> 
 def read_matrices(path, expected: dict) -> dict:
     """{block index: tensors} of a matrix file, refused if it was made for another model or settings."""
     from safetensors import safe_open
-    from .params import _same_model
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {})["flatquant"])
@@ -444,7 +443,7 @@ def read_matrices(path, expected: dict) -> dict:
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
         raise MatrixFileError(f"{path} is not a FlatQuant matrix file of this toolkit ({type(error).__name__}); "
                               "re-run calibration or pass another --matrix_path") from None
-    if not _same_model(meta["fingerprint"], expected["fingerprint"]):
+    if not same_model(meta["fingerprint"], expected["fingerprint"]):
         raise MatrixFileError(f"{path} was calibrated for another model ({meta['model']}); pass this model's --matrix_path")
     for key in ("element", "w_bits", "a_bits", "settings"):
         if meta[key] != expected[key]:

@@ -139,3 +139,11 @@ def model_fingerprint(model) -> dict:
     shape_hash = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in named]).encode()).hexdigest()[:16]
     signature = [float(f"{p.detach().flatten()[:4096].float().abs().mean().item():.4g}") for _, p in named]
     return {"model_type": model.config.model_type, "shapes": shape_hash, "signature": signature}
+
+
+def same_model(saved: dict, current: dict) -> bool:
+    """Whether two model_fingerprint results name the same model (signatures equal up to dtype rounding)."""
+    if saved["model_type"] != current["model_type"] or saved["shapes"] != current["shapes"]:
+        return False
+    a, b = torch.tensor(saved["signature"]), torch.tensor(current["signature"])
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=1e-6)

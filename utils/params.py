@@ -20,7 +20,7 @@ from quant_layers import FPFormat, FPQuantizer, QuantEmbedding
 from quant_layers.quantizers import quantizer_from_state, quantizer_to_state
 
 from .pipeline import quant_modules
-from .models import model_fingerprint
+from .models import model_fingerprint, same_model
 from .errors import ParamFileError
 from .files import atomic_write
 from .param_checks import check_module
@@ -96,7 +96,7 @@ def check_overwrite(path: Path, fingerprint: dict):
             old = read_metadata(path)
         except ParamFileError:
             old = {}
-        if "fingerprint" in old and not _same_model(old["fingerprint"], fingerprint):
+        if "fingerprint" in old and not same_model(old["fingerprint"], fingerprint):
             raise ParamFileError(f"{path} holds parameters of another model ({old.get('model')}); "
                                  "choose another --ptq_param_path")
 
@@ -128,7 +128,7 @@ def load_params(path: str | Path, model, config: QuantConfig, check_model: bool 
     if meta["config"]["name"] != config.name or meta["qbits"] != config.qbits:
         raise ParamFileError(f"{path} was made with {meta['config']['name']} --qbits {meta['qbits']}, not "
                              f"{config.name} --qbits {config.qbits}; pass the same --quant_config and --qbits")
-    if check_model and not _same_model(meta["fingerprint"], model_fingerprint(model)):
+    if check_model and not same_model(meta["fingerprint"], model_fingerprint(model)):
         raise ParamFileError(f"{path} was calibrated for another model ({meta['model']}); "
                              "pass the parameter file of this model")
     try:
@@ -153,13 +153,6 @@ def load_params(path: str | Path, model, config: QuantConfig, check_model: bool 
             module.input_shift = tensors[f"{name}.input_shift"].to(device)
         module.freeze()
     return meta
-
-
-def _same_model(saved: dict, current: dict) -> bool:
-    if saved["model_type"] != current["model_type"] or saved["shapes"] != current["shapes"]:
-        return False
-    a, b = torch.tensor(saved["signature"]), torch.tensor(current["signature"])
-    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=1e-6)
 
 
 REFERENCE_CONFIGS = {"minmax": "MinMax_config_llama", "fpq_baseline": "FPQ_baseline_config_llama",
