@@ -33,7 +33,7 @@ from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_fact
 
 from .calibrate import CalibrationReport, PeakMemory, _capture_block_inputs, _run_block, set_quantized
 from .models import ModelAdapter, adapter_for, get_module, set_module
-from .errors import UserError
+from .errors import UsageError, UserError
 
 MATRIX_FORMAT = 1
 
@@ -132,7 +132,7 @@ class FlatBlock(nn.Module):
             if bits >= 16:
                 return None
             if groupsize > 0 and dims.head_dim % groupsize:
-                raise ValueError(f"KV group size {groupsize} does not divide head_dim {dims.head_dim}; "
+                raise UsageError(f"KV group size {groupsize} does not divide head_dim {dims.head_dim}; "
                                  "pass a divisor of head_dim or -1 (one group per head)")
             return DynamicQuantizer(_element(config, "a", bits), not asym, groupsize,
                                     clip="scalar" if flat.lac else None)
