@@ -111,7 +111,7 @@ def _jsonl_texts(path: Path) -> list[str]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.strip())
             except json.JSONDecodeError as error:
                 raise DatasetUnavailable(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
             if not isinstance(record, dict) or "text" not in record:
