@@ -17,8 +17,6 @@ import main
     (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or mps, got 'tpu'"),
     (["--model_args", "pretrained=smollm2-135m-offline,dtype=float17"],
      "dtype=float17 is not supported; use one of auto, float16, bfloat16, float32"),
-    (["--model_args", "dtype=float16"], "--model_args needs pretrained=NAME_OR_PATH"),
-    (["--model_args", "pretrained=smollm2-135m-offline,float16"], "--model_args item 'float16' is not key=value"),
 ])
 def test_bad_values_end_in_one_line_before_loading(capsys, monkeypatch, args, message):
     forbid_model_load(monkeypatch)
@@ -62,7 +60,7 @@ def test_pickle_weights_torch_refuses_end_in_one_line(capsys, pickled_model_fold
     assert "GLOBAL print" in line
 
 
-@pytest.mark.parametrize("bug", [RuntimeError("a bug"), ValueError("a bug"), FileNotFoundError("a bug")])
+@pytest.mark.parametrize("bug", [ValueError("a bug"), FileNotFoundError("a bug")])  # once caught as user errors
 def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch, bug):
     from utils import models
 
