@@ -20,11 +20,12 @@ FLAT = ["--quant_config", "FlatQuant_config_llama"]
     (["--search_intervals", "0.5", "0.2", "10"], "--search_intervals needs 0 < gamma1 < gamma2, got 0.5 0.2"),
     (["--search_intervals", "0.01", "1.2", "0"], "--search_intervals n must be a whole number >= 1, got 0"),
     (["--search_intervals", "0.01", "inf", "10"], "--search_intervals needs 0 < gamma1 < gamma2"),
-    (["--limit", "0"], "--limit must be > 0"),
-    (["--limit", "nan"], "--limit must be > 0"),
+    (["--limit", "0"], "--limit must be a fraction in (0, 1) or a whole number >= 1, got 0"),
+    (["--limit", "nan"], "--limit must be a fraction in (0, 1) or a whole number >= 1, got nan"),
+    (["--limit", "2.5"], "--limit must be a fraction in (0, 1) or a whole number >= 1, got 2.5"),
     (["--act_search_tokens", "0"], "--act_search_tokens must be >= 1, got 0"),
     (["--num_fewshot", "-1"], "--num_fewshot must be >= 0, got -1"),
-    (["--seed", "-3"], "--seed must be >= 0, got -3"),
+    (["--seed", "-3"], "--seed must be in 0..4294967295, got -3"),
     (["--batch_size", "0"], "--batch_size must be a whole number >= 1, 'auto' or 'auto:N', got '0'"),
     (["--batch_size", "many"], "--batch_size must be"),
     ([*FLAT, "--nsamples", "0"], "--nsamples must be >= 1, got 0"),
@@ -56,7 +57,6 @@ def test_a_value_out_of_range_is_refused_before_loading(capsys, monkeypatch, arg
     (["--lwc"], "--lwc", "FPQ_config_llama"),
     (["--nsamples", "16"], "--nsamples", "FPQ_config_llama"),
     (["--matrix_path", "m.safetensors"], "--matrix_path", "FPQ_config_llama"),
-    (["--quant_config", "MinMax_config_llama", "--resume"], "--resume", "MinMax_config_llama"),
 ])
 def test_a_flag_the_run_would_ignore_is_refused_before_loading(capsys, monkeypatch, args, flag, chosen):
     forbid_model_load(monkeypatch)
@@ -65,7 +65,21 @@ def test_a_flag_the_run_would_ignore_is_refused_before_loading(capsys, monkeypat
     assert code == 2 and f"{flag} has no effect with" in line and chosen in line
 
 
+@pytest.mark.parametrize("args, first, second", [
+    ([*FLAT, "--nsamples", "64", "--calib_size", "32"], "--nsamples", "--calib_size"),
+    ([*FLAT, "--matrix_path", "a.safetensors", "--ptq_param_path", "b.safetensors"], "--matrix_path", "--ptq_param_path"),
+    ([*FLAT, "--reload_matrix", "--resume"], "--reload_matrix", "--resume"),
+    ([*FLAT, "--only_eval", "--resume"], "--only_eval", "--resume"),
+    ([*FLAT, "--weight_quantizer", "rtn", "--gptq"], "--weight_quantizer", "--gptq"),
+])
+def test_flatquant_flags_that_override_each_other_are_refused(capsys, monkeypatch, args, first, second):
+    forbid_model_load(monkeypatch)
+    code, _, err = run_main(capsys, *args, "--device", "cpu")
+    assert code == 2 and f"{first} and {second} contradict each other" in one_line_error(err)
+
+
 @pytest.mark.parametrize("args", [
+    [*FLAT, "--nsamples", "64", "--calib_size", "64", "--weight_quantizer", "gptq", "--gptq"],
     ["--quant_config", "FlatQuant_FP_config_llama", "--search_round", "2", "--act_search_tokens", "64"],
     [*FLAT, "--weight_quantizer", "fpq_search", "--search_intervals", "0.1", "1", "5"],
     ["--quant_config", "FPQ_simulated_config_llama", "--preshift", "simulated", "--shift_rounding", "reference"],

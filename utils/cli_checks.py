@@ -36,8 +36,8 @@ def group_size():
 # flag -> (accepts the value, what is accepted); checked only when the flag is given (None = its default)
 RANGES = {
     "calib_size": whole_at_least(1), "calib_seqlen": whole_at_least(2), "ppl_seqlen": whole_at_least(2),
-    "ppl_limit": whole_at_least(1), "limit": (lambda v: v > 0, "> 0 (a fraction below 1 or a count)"),
-    "num_fewshot": whole_at_least(0), "seed": whole_at_least(0), "search_round": whole_at_least(1),
+    "ppl_limit": whole_at_least(1), "limit": (lambda v: 0 < v < 1 or v == int(v) >= 1, "a fraction in (0, 1) or a whole number >= 1"),
+    "num_fewshot": whole_at_least(0), "seed": (lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), "search_round": whole_at_least(1),
     "act_search_tokens": whole_at_least(1),
     "w_bits": bits_range(), "a_bits": bits_range(), "q_bits": bits_range(), "k_bits": bits_range(),
     "v_bits": bits_range(), "w_groupsize": group_size(), "q_groupsize": group_size(), "k_groupsize": group_size(),
@@ -50,7 +50,7 @@ SEARCH_FLAGS = ("search_round", "search_intervals", "search_grid", "search_strat
                 "act_search_tokens")
 # Flags of the FlatQuant method: its settings (FlatSettings' fields; `transform` is --no_transform) and files.
 FLAT_FLAGS = tuple(f.name for f in fields(FlatSettings) if f.name != "transform") + (
-    "w_bits", "a_bits", "gptq", "no_transform", "reload_matrix", "matrix_path", "resume")
+    "w_bits", "a_bits", "gptq", "no_transform", "reload_matrix", "matrix_path")
 # Flags that only change what a method calibrates or loads, by the methods that read them; any other method
 # (or --fp_only, which quantizes nothing) would silently drop them.
 FLAGS_OF_METHODS = {
@@ -134,6 +134,23 @@ def check_method_flags(args):
     for name in FLAGS_OF_METHODS:
         if given(args, name) and ignored_by(args, name, method):
             raise UsageError(f"--{name} has no effect with {chosen}; drop one of the two")
+    if method == "flatquant":
+        check_flat_contradictions(args)
+
+
+# FlatQuant flag pairs of which main.py would silently honour only the first
+FLAT_OVERRIDES = (("nsamples", "calib_size"), ("matrix_path", "ptq_param_path"), ("reload_matrix", "resume"),
+                  ("only_eval", "resume"), ("weight_quantizer", "gptq"))
+
+
+def check_flat_contradictions(args):
+    for first, second in FLAT_OVERRIDES:
+        if not (given(args, first) and given(args, second)):
+            continue
+        a, b = getattr(args, first), getattr(args, second)
+        if not ((a == b and not isinstance(a, bool)) or (first, a) == ("weight_quantizer", "gptq")):
+            raise UsageError(f"--{first} and --{second} contradict each other (only --{first} would count); "
+                             "give one of them")
 
 
 def ignored_by(args, name: str, method: str | None) -> bool:
