@@ -67,7 +67,8 @@ def test_a_flag_the_run_would_ignore_is_refused_before_loading(capsys, monkeypat
 
 @pytest.mark.parametrize("args, first, second", [
     ([*FLAT, "--nsamples", "64", "--calib_size", "32"], "--nsamples", "--calib_size"),
-    ([*FLAT, "--matrix_path", "a.safetensors", "--ptq_param_path", "b.safetensors"], "--matrix_path", "--ptq_param_path"),
+    ([*FLAT, "--matrix_path", "a.safetensors", "--ptq_param_path", "b.safetensors"], "--matrix_path",
+     "--ptq_param_path"),
     ([*FLAT, "--reload_matrix", "--resume"], "--reload_matrix", "--resume"),
     ([*FLAT, "--only_eval", "--resume"], "--only_eval", "--resume"),
     ([*FLAT, "--weight_quantizer", "rtn", "--gptq"], "--weight_quantizer", "--gptq"),

@@ -21,29 +21,22 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 
-def whole_at_least(minimum):
+def at_least(minimum):
     return lambda v: v >= minimum, f">= {minimum}"
 
 
-def bits_range():
-    return lambda v: 2 <= v <= 16, "in 2..16 (16 = not quantized)"
-
-
-def group_size():
-    return lambda v: v == -1 or v >= 1, "-1 (one group per row or head) or >= 1"
-
-
+BITS = (lambda v: 2 <= v <= 16, "in 2..16 (16 = not quantized)")
+GROUP_SIZE = (lambda v: v == -1 or v >= 1, "-1 (one group per row or head) or >= 1")
 # flag -> (accepts the value, what is accepted); checked only when the flag is given (None = its default)
 RANGES = {
-    "calib_size": whole_at_least(1), "calib_seqlen": whole_at_least(2), "ppl_seqlen": whole_at_least(2),
-    "ppl_limit": whole_at_least(1), "limit": (lambda v: 0 < v < 1 or v == int(v) >= 1, "a fraction in (0, 1) or a whole number >= 1"),
-    "num_fewshot": whole_at_least(0), "seed": (lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), "search_round": whole_at_least(1),
-    "act_search_tokens": whole_at_least(1),
-    "w_bits": bits_range(), "a_bits": bits_range(), "q_bits": bits_range(), "k_bits": bits_range(),
-    "v_bits": bits_range(), "w_groupsize": group_size(), "q_groupsize": group_size(), "k_groupsize": group_size(),
-    "v_groupsize": group_size(), "epochs": whole_at_least(0), "nsamples": whole_at_least(1),
-    "cali_bsz": whole_at_least(1), "flat_lr": (lambda v: v > 0, "> 0"), "diag_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "percdamp": (lambda v: v >= 0, ">= 0"),
+    "calib_size": at_least(1), "calib_seqlen": at_least(2), "ppl_seqlen": at_least(2), "ppl_limit": at_least(1),
+    "limit": (lambda v: 0 < v < 1 or v == int(v) >= 1, "a fraction in (0, 1) or a whole number >= 1"),
+    "num_fewshot": at_least(0), "seed": (lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"),
+    "search_round": at_least(1), "act_search_tokens": at_least(1),
+    "w_bits": BITS, "a_bits": BITS, "q_bits": BITS, "k_bits": BITS, "v_bits": BITS,
+    "w_groupsize": GROUP_SIZE, "q_groupsize": GROUP_SIZE, "k_groupsize": GROUP_SIZE, "v_groupsize": GROUP_SIZE,
+    "epochs": at_least(0), "nsamples": at_least(1), "cali_bsz": at_least(1), "flat_lr": (lambda v: v > 0, "> 0"),
+    "diag_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "percdamp": at_least(0),
 }
 
 SEARCH_FLAGS = ("search_round", "search_intervals", "search_grid", "search_strategy", "format_space",
@@ -138,6 +131,13 @@ def check_method_flags(args):
         check_flat_contradictions(args)
 
 
+def ignored_by(args, name: str, method: str | None) -> bool:
+    if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights
+        default = load_config(args.quant_config).flat.weight_quantizer
+        return (args.weight_quantizer or ("gptq" if args.gptq else default)) != "fpq_search"
+    return method not in FLAGS_OF_METHODS[name]
+
+
 # FlatQuant flag pairs of which main.py would silently honour only the first
 FLAT_OVERRIDES = (("nsamples", "calib_size"), ("matrix_path", "ptq_param_path"), ("reload_matrix", "resume"),
                   ("only_eval", "resume"), ("weight_quantizer", "gptq"))
@@ -153,18 +153,11 @@ def check_flat_contradictions(args):
                              "give one of them")
 
 
-def ignored_by(args, name: str, method: str | None) -> bool:
-    if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights
-        default = load_config(args.quant_config).flat.weight_quantizer
-        return (args.weight_quantizer or ("gptq" if args.gptq else default)) != "fpq_search"
-    return method not in FLAGS_OF_METHODS[name]
-
-
 def check_param_file_settings(args, config):
     """--only_eval on one of our parameter files: the settings that decide how its quantizers run (the FPQ
     pre-shift, the FP numerics) must be the file's; its metadata says which they were."""
     path = Path(args.ptq_param_path or "")
-    if not (args.only_eval and path.suffix == ".safetensors" and path.is_file()) or config.method == "flatquant":
+    if config.method == "flatquant" or not (args.only_eval and path.suffix == ".safetensors" and path.is_file()):
         return
     from .params import read_metadata
     saved = read_metadata(path)["config"]
@@ -184,5 +177,5 @@ def check_sequence_lengths(args, model_config, calibrating: bool):
                "calib_seqlen": args.calib_seqlen if calibrating else None}
     for name, length in lengths.items():
         if length is not None and length > positions:
-            raise UsageError(f"--{name} {length} exceeds the model's {positions} positions; pass --{name} {positions} "
-                             "or less")
+            raise UsageError(f"--{name} {length} exceeds the model's {positions} positions; "
+                             f"pass --{name} {positions} or less")

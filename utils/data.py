@@ -113,7 +113,8 @@ def _jsonl_texts(path: Path) -> list[str]:
             try:
                 record = json.loads(line.strip())
             except json.JSONDecodeError as error:
-                raise DatasetUnavailable(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
+                raise DatasetUnavailable(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") \
+                    from None
             if not isinstance(record, dict) or "text" not in record:
                 raise DatasetUnavailable(f"{path}:{number}: each JSON line needs a 'text' field")
             if not isinstance(record["text"], str):

@@ -20,6 +20,7 @@ from .errors import UserError
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
 ALIASES = {"math500": "minerva_math500"}
 LOCAL_SUFFIX = "_local"
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders of files named in data_files
 
 
 class TaskUnavailable(UserError, ValueError):
@@ -197,6 +198,8 @@ def check_data_files(spec, task_manager):
         if entry is None or not str(entry.yaml_path).endswith(".yaml"):
             return
         config = load_yaml(str(entry.yaml_path), resolve_func=False, recursive=True)
+    if config.get("dataset_path") not in LOCAL_BUILDERS:  # a hub dataset's data_files lie in its repository
+        return
     files = (config.get("dataset_kwargs") or {}).get("data_files") or []
     files = files.values() if isinstance(files, dict) else [files]
     for group in files:
