@@ -137,3 +137,10 @@ def test_sequence_lengths_that_fit_pass(tiny_model):
     cli_checks.check_sequence_lengths(args, tiny_model.config, calibrating=False)
     with pytest.raises(UsageError, match="--calib_seqlen 4096"):
         cli_checks.check_sequence_lengths(args, tiny_model.config, calibrating=True)
+
+
+def test_the_benchmark_command_lines_pass_the_checks():
+    from benchmarks.smollm2_table import TABLES, command
+    for table, (_, _, rows) in TABLES.items():
+        for row in rows:
+            cli_checks.check_arguments(main.build_parser().parse_args(command(table, row)[2:]))
