@@ -69,3 +69,17 @@ def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch, bug):
     monkeypatch.setattr(models, "load_model", broken)
     with pytest.raises(type(bug), match="a bug"):
         main.main(["--fp_only", "--device", "cpu"])
+
+
+def test_gptq_without_enough_damping_is_the_users_error(tiny_model):
+    """16 tokens cannot determine 64 input features: undamped, the Hessian is singular (main.py: one line)."""
+    from dataclasses import replace
+
+    from configs import load_config
+    from utils.errors import UserError
+    from utils.flatquant import flat_quantize
+    config = load_config("FlatQuant_config_llama")
+    config = replace(config, flat=replace(config.flat, transform=False, cali_trans=False, add_diag=False, lwc=False,
+                                          lac=False, weight_quantizer="gptq", percdamp=0.0))
+    with pytest.raises(UserError, match="not positive definite .* raise --percdamp"):
+        flat_quantize(tiny_model, config, torch.randint(0, 256, (1, 16)), progress=False)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from configs import QuantConfig
 from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, QuantLinear
 from quant_layers.flat import FlatLinear, KVQuant
-from quant_layers.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from quant_layers.gptq import HessianAccumulator, HessianNotPositiveDefinite, gptq_quantize, rtn_quantize
 from quant_layers.learnable import DynamicQuantizer, WeightClip
 from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_factor, kronecker_factors, make_factor
 
@@ -419,8 +419,11 @@ def _quantize_weight(module: QuantLinear, hessian: HessianAccumulator, inputs, c
     else:
         make = _weight_maker(config)
         if flat.weight_quantizer == "gptq":
-            result = gptq_quantize(weight, hessian.hessian, make, percdamp=flat.percdamp, act_order=flat.act_order,
-                                   groupsize=flat.w_groupsize)
+            try:
+                result = gptq_quantize(weight, hessian.hessian, make, percdamp=flat.percdamp,
+                                       act_order=flat.act_order, groupsize=flat.w_groupsize)
+            except HessianNotPositiveDefinite as error:  # the user's settings or data, not a bug
+                raise UserError(str(error)) from None
         else:
             result = rtn_quantize(weight, make, groupsize=flat.w_groupsize)
         quantized = result.weight.float()
