@@ -50,6 +50,13 @@ def test_a_missing_calibration_file_is_refused_before_loading(capsys, monkeypatc
     assert code == 2 and f"dataset file {tmp_path / 'none.txt'} does not exist" in one_line_error(err)
 
 
+@pytest.mark.parametrize("flag", ["--calib_dataset", "--eval_ppl"])
+def test_an_unknown_dataset_name_is_refused_before_loading(capsys, monkeypatch, flag):
+    forbid_model_load(monkeypatch)
+    code, _, err = run_main(capsys, *CALIBRATE, flag, "wikitext103")
+    assert code == 2 and "unknown dataset 'wikitext103'" in one_line_error(err)
+
+
 @pytest.mark.parametrize("content, reason", [("{\"model\": ", "Expecting value at line 1"),
                                              ("[1, 2]", "not a JSON object")])
 def test_a_corrupt_results_file_in_the_output_folder_is_named(capsys, monkeypatch, tmp_path, content, reason):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from configs import FlatSettings, load_config
 
-from .data import check_local_source
+from .data import check_source
 from .errors import UsageError
 from .models import parse_model_args
 
@@ -69,7 +69,7 @@ def check_arguments(args):
     device_name(args.device)
     check_model_args(args.model_args)
     for source in [args.calib_dataset, *args.eval_ppl]:
-        check_local_source(source)
+        check_source(source)
     check_method_flags(args)
 
 

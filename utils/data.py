@@ -68,22 +68,21 @@ def load_documents(name: str, split: str = "train") -> list[str]:
         return wikipedia_articles()[1::2]
     if name == "abcnews":
         return [line.strip() for line in open(asset_path("abcnews"), encoding="utf-8") if line.strip()]
-    if is_local_source(name):
-        return _local_documents(Path(name))
-    if name in HUB_DATASETS:
-        return _hub_documents(name, split)
-    raise DatasetUnavailable(f"unknown dataset {name!r}: use one of {HUB_DATASETS + OFFLINE_DATASETS} "
-                             "or a path to a .txt/.jsonl file")
+    check_source(name)
+    return _local_documents(Path(name)) if is_local_source(name) else _hub_documents(name, split)
 
 
 def is_local_source(name: str) -> bool:
     return name not in OFFLINE_DATASETS and (Path(name).suffix in (".txt", ".jsonl", ".json") or Path(name).exists())
 
 
-def check_local_source(name: str):
-    """A dataset given as a path must be an existing file (checked before any model is loaded)."""
+def check_source(name: str):
+    """A dataset name is known, or a path to an existing file (checked before any model is loaded)."""
     path = Path(name)
     if not is_local_source(name):
+        if name not in HUB_DATASETS + OFFLINE_DATASETS:
+            raise DatasetUnavailable(f"unknown dataset {name!r}: use one of {HUB_DATASETS + OFFLINE_DATASETS} "
+                                     "or a path to a .txt/.jsonl file")
         return
     if not path.exists():
         raise DatasetUnavailable(f"dataset file {path} does not exist")
@@ -92,7 +91,6 @@ def check_local_source(name: str):
 
 
 def _local_documents(path: Path) -> list[str]:
-    check_local_source(str(path))
     try:
         docs = _jsonl_texts(path) if path.suffix in (".jsonl", ".json") else \
             [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if d.strip()]
