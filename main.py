@@ -7,7 +7,6 @@ lm-eval); see README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from utils.files import check_output_file, check_output_folder
+from utils.errors import UsageError, UserError
 
 EMBEDDED_DEFAULT = ["--model_args", "pretrained=smollm2-135m-offline", "--quant_config", "FPQ_config_llama",
                     "--qbits", "4", "4", "4", "2", "2", "2", "--calib_dataset", "enwiki", "--calib_size", "32",
@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib_seqlen", type=int, default=2048,
                    help="tokens per segment (the paper's 2048; the reference code used 1024)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
-    q.add_argument("--search_round", type=int, default=3)
-    q.add_argument("--search_intervals", nargs=3, type=float, default=[0.01, 1.2, 100], metavar=("G1", "G2", "N"),
-                   help="bias multipliers gamma1 gamma2 and the number of steps n")
+    q.add_argument("--search_round", type=int, default=None, help="search rounds (default 3)")
+    q.add_argument("--search_intervals", nargs=3, type=float, default=None, metavar=("G1", "G2", "N"),
+                   help="bias multipliers gamma1 gamma2 and the number of steps n (default 0.01 1.2 100)")
     q.add_argument("--search_grid", choices=["paper", "reference"], default=None,
                    help="paper: n+1 points with both ends plus gamma=1; reference: the code's n points")
     q.add_argument("--search_strategy", choices=["full", "coarse"], default=None,
@@ -173,10 +173,8 @@ def make_config(args):
     from configs import load_config
     from quant_layers.search import replace_settings
     config = load_config(args.quant_config).with_qbits(args.qbits)
-    g1, g2, n = args.search_intervals
-    if n != int(n):
-        raise ValueError(f"--search_intervals n must be a whole number, got {n}")
-    search = replace_settings(config.search, gamma_low=g1, gamma_high=g2, n_candidates=int(n),
+    g1, g2, n = args.search_intervals or (None, None, None)  # checked by utils.cli_checks
+    search = replace_settings(config.search, gamma_low=g1, gamma_high=g2, n_candidates=None if n is None else int(n),
                               rounds=args.search_round, grid=args.search_grid, strategy=args.search_strategy,
                               format_space=args.format_space, shift_rounding=args.shift_rounding,
                               act_search_tokens=args.act_search_tokens, seed=args.seed)
@@ -195,10 +193,12 @@ def make_config(args):
 
 def resolve_device(requested):
     import torch
+    from utils.cli_checks import device_name
+    requested = device_name(requested)
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available; pass --device cpu")
+        raise UsageError("--device cuda was asked for but CUDA is not available; pass --device cpu")
     return requested
 
 
@@ -218,20 +218,22 @@ def check_param_output(args, config):
 
 
 def output_folder(args, model_name):
+    from utils.report import previous_results_model
     if args.output_path is None:
         return None
     folder = Path(args.output_path)
     folder = folder.parent if folder.suffix == ".json" else folder
     check_output_folder(folder, "--output_path")
-    existing = folder / "results.json"
-    if existing.exists():
-        previous = json.loads(existing.read_text()).get("model")
-        if previous not in (None, model_name):
-            raise ValueError(f"{existing} holds results of another model ({previous}); choose another --output_path")
+    previous = previous_results_model(folder)
+    if previous not in (None, model_name):
+        raise UsageError(f"{folder / 'results.json'} holds results of another model ({previous}); "
+                         "choose another --output_path")
     return folder
 
 
 def run(args) -> dict:
+    from utils.cli_checks import check_arguments, check_param_file_settings, check_sequence_lengths
+    check_arguments(args)  # before anything is loaded: a bad flag costs nothing
     from utils.hub import hub_offline
     offline = hub_offline()  # before the hub libraries are imported: offline, hub names fail at once
     import torch
@@ -239,12 +241,12 @@ def run(args) -> dict:
     from utils.report import check_finite_results, format_table, write_results
 
     model_args = models.parse_model_args(args.model_args)
-    if "pretrained" not in model_args:
-        raise ValueError("--model_args needs pretrained=NAME_OR_PATH")
     name, device = model_args["pretrained"], resolve_device(args.device)
     config = None if args.fp_only else make_config(args)
     if config is not None and args.only_eval and Path(args.ptq_param_path or "").suffix == ".pt":
         config = reference_file_config(args, config)
+    if config is not None:
+        check_param_file_settings(args, config)
     folder = output_folder(args, name)
     check_param_output(args, config)
     if args.plots:
@@ -258,6 +260,7 @@ def run(args) -> dict:
     if dtype == "auto" and device == "cpu":
         dtype = "float32"  # half-precision matmuls are slow or missing on CPUs
     model, tokenizer = models.load_model(name, dtype, device, bool(model_args.get("use_accelerate", False)))
+    check_sequence_lengths(args, model.config, calibrating=config is not None and not args.only_eval)
     torch.manual_seed(args.seed)
 
     result = {"model": name, "quant_config": config.name if config else "FP", "qbits": config.qbits if config else None,
@@ -271,7 +274,8 @@ def run(args) -> dict:
         from utils.figure_data import layer_figures
         figures = layer_figures(model, config, reference)
         del reference
-    max_windows = args.ppl_limit or (int(args.limit) if args.limit and args.limit >= 1 else None)
+    max_windows = args.ppl_limit if args.ppl_limit is not None else (
+        int(args.limit) if args.limit and args.limit >= 1 else None)
     result["ppl"] = {}
     for dataset in args.eval_ppl:
         tokens = data.evaluation_tokens(tokenizer, dataset)
@@ -329,7 +333,7 @@ def reference_file_config(args, config):
     simulated pre-shift), unless --fp_numerics says otherwise; a folded pre-shift cannot hold its values."""
     from utils import params
     if args.preshift == "folded":
-        raise ValueError("a reference .pt file holds the simulated pre-shift; drop --preshift folded")
+        raise UsageError("a reference .pt file holds the simulated pre-shift; drop --preshift folded")
     adjusted = params.config_for_reference_file(args.ptq_param_path, config, None if args.fp_numerics else "reference")
     print(f"reference parameter file: evaluating with fp_numerics={adjusted.fp_numerics}"
           + (", preshift=simulated" if adjusted.method == "fpq" else "")
@@ -372,10 +376,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
-    from utils.errors import UserError
     try:
         run(args)
-    except (UserError, FileNotFoundError, ValueError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C: what was saved and how to continue, no traceback

@@ -20,16 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL = "--model_args pretrained=smollm2-135m-offline --device cpu --calib_dataset enwiki --calib_seqlen 512 " \
        "--eval_ppl enwiki-heldout abcnews --ppl_seqlen 512 --ppl_limit 40 "
 SEARCH = "--search_round 3 --search_intervals 0.01 1.2 100 --search_strategy coarse "
+FPQ = "--calib_size 32 " + SEARCH + "--act_search_tokens 512 --quant_config "  # the search configs' rows
 KV4 = "--w_bits 4 --a_bits 4 --k_bits 4 --k_asym --v_bits 4 --v_asym --nsamples 32 "
 FLAT = "--quant_config FlatQuant_config_llama " + KV4 + "--cali_bsz 4 --epochs 3 --flat_lr 5e-3 --lwc --lac --cali_trans --add_diag "
 TABLES = {  # table -> (folder, settings shared by every row, {row: (label, its own settings)})
-    "llmfp4": ("table", EVAL + SEARCH + "--calib_size 32 --act_search_tokens 512", {
+    "llmfp4": ("table", EVAL, {  # main.py refuses flags a row would ignore: the search flags only where searched
         "fp32": ("FP32", "--fp_only"),
-        "minmax_int": ("MinMax INT", "--quant_config MinMax_INT_config_llama"),
-        "minmax_fp": ("MinMax FP (E2M1)", "--quant_config MinMax_config_llama"),
-        "fpq_baseline": ("FPQ baseline", "--quant_config FPQ_baseline_config_llama"),
-        "fpq_simulated": ("FPQ, pre-shift simulated", "--quant_config FPQ_simulated_config_llama"),
-        "fpq_folded": ("FPQ, pre-shift folded", "--quant_config FPQ_config_llama")}),
+        "minmax_int": ("MinMax INT", "--calib_size 32 --quant_config MinMax_INT_config_llama"),
+        "minmax_fp": ("MinMax FP (E2M1)", "--calib_size 32 --quant_config MinMax_config_llama"),
+        "fpq_baseline": ("FPQ baseline", FPQ + "FPQ_baseline_config_llama"),
+        "fpq_simulated": ("FPQ, pre-shift simulated", FPQ + "FPQ_simulated_config_llama"),
+        "fpq_folded": ("FPQ, pre-shift folded", FPQ + "FPQ_config_llama")}),
     "flatquant": ("flatquant_table", EVAL, {
         "fp32": ("FP32", "--fp_only"),
         "rtn": ("RTN (no transforms)", "--quant_config FlatQuant_config_llama " + KV4 + "--no_transform"),

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from quant_layers.formats import NUMERICS
 from quant_layers.search import SearchSettings
+from utils.errors import UsageError
 
 WEIGHT_QUANTIZERS = ("rtn", "gptq", "fpq_search")
 
@@ -45,16 +46,16 @@ class FlatSettings:
 
     def __post_init__(self):
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
-            raise ValueError(f"weight quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
+            raise UsageError(f"weight quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
         for name in ("q_bits", "k_bits", "v_bits"):
             if not 2 <= getattr(self, name) <= 16:
-                raise ValueError(f"--{name} must be in 2..16 (16 = not quantized), got {getattr(self, name)}")
+                raise UsageError(f"--{name} must be in 2..16 (16 = not quantized), got {getattr(self, name)}")
         if self.epochs < 0 or self.nsamples < 1 or self.cali_bsz < 1 or self.flat_lr <= 0:
-            raise ValueError("--epochs >= 0, --nsamples >= 1, --cali_bsz >= 1 and --flat_lr > 0 are needed")
+            raise UsageError("--epochs >= 0, --nsamples >= 1, --cali_bsz >= 1 and --flat_lr > 0 are needed")
         if not 0 <= self.diag_alpha <= 1:
-            raise ValueError(f"--diag_alpha must be in [0, 1], got {self.diag_alpha}")
+            raise UsageError(f"--diag_alpha must be in [0, 1], got {self.diag_alpha}")
         if not 0 <= self.percdamp:
-            raise ValueError(f"--percdamp must be >= 0, got {self.percdamp}")
+            raise UsageError(f"--percdamp must be >= 0, got {self.percdamp}")
 
 
 @dataclass(frozen=True)
@@ -84,24 +85,24 @@ class QuantConfig:
     def __post_init__(self):
         # the method's own requirements are checked by its handler (utils/methods/)
         if self.element not in ("fp", "int"):
-            raise ValueError(f"element must be 'fp' or 'int', got {self.element!r}")
+            raise UsageError(f"element must be 'fp' or 'int', got {self.element!r}")
         if self.fp_numerics not in NUMERICS or (self.fp_numerics == "reference" and
                                                  (self.element != "fp" or self.flat is not None)):
-            raise ValueError(f"fp_numerics must be one of {NUMERICS}; 'reference' applies to the FP configs of "
+            raise UsageError(f"fp_numerics must be one of {NUMERICS}; 'reference' applies to the FP configs of "
                              f"LLM-FP4 (MinMax, FPQ, FPQ baseline), got {self.fp_numerics!r} with {self.name}")
         if self.preshift not in ("simulated", "folded"):
-            raise ValueError(f"preshift must be 'simulated' or 'folded', got {self.preshift!r}")
+            raise UsageError(f"preshift must be 'simulated' or 'folded', got {self.preshift!r}")
         for kind in ("w", "a", "e"):
             bits, exp = getattr(self, f"{kind}_bits"), getattr(self, f"{kind}_exp")
             if not 2 <= bits <= 16:
-                raise ValueError(f"--qbits: {kind.upper()} bits must be in 2..16 (16 = not quantized), got {bits}")
+                raise UsageError(f"--qbits: {kind.upper()} bits must be in 2..16 (16 = not quantized), got {bits}")
             if self.element == "fp" and bits < 16 and not 1 <= exp <= bits - 1:
-                raise ValueError(f"--qbits: {kind.upper()} exponent bits must be in 1..{bits - 1} for "
+                raise UsageError(f"--qbits: {kind.upper()} exponent bits must be in 1..{bits - 1} for "
                                  f"{bits}-bit FP, got {exp}")
 
     def with_qbits(self, qbits) -> "QuantConfig":
         if len(qbits) != 6:
-            raise ValueError("--qbits takes six integers: W A E bits, then W A E exponent bits (e.g. 4 4 4 2 2 2)")
+            raise UsageError("--qbits takes six integers: W A E bits, then W A E exponent bits (e.g. 4 4 4 2 2 2)")
         w, a, e, we, ae, ee = (int(v) for v in qbits)
         return replace(self, w_bits=w, a_bits=a, e_bits=e, w_exp=we, a_exp=ae, e_exp=ee)
 
@@ -119,5 +120,5 @@ def available() -> list[str]:
 
 def load_config(name: str) -> QuantConfig:
     if name not in available():
-        raise ValueError(f"unknown --quant_config {name!r}; choose one of: {', '.join(available())}")
+        raise UsageError(f"unknown --quant_config {name!r}; choose one of: {', '.join(available())}")
     return importlib.import_module(f"{__name__}.{name}").CONFIG

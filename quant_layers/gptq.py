@@ -22,6 +22,10 @@ QuantizerFactory = Callable[[torch.Tensor], nn.Module]
 DAMPING_RETRIES = 3  # each retry multiplies the damping by 10
 
 
+class HessianNotPositiveDefinite(ValueError):
+    """The damped Hessian has no Cholesky factor: the calibration inputs do not determine the weight."""
+
+
 class HessianAccumulator:
     """H = 2/N sum x x^T over the N input vectors of a linear layer, fed in batches as they arrive."""
 
@@ -181,5 +185,6 @@ def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float) -> torch.Tensor
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
             if info == 0:
                 return upper.float()
-    raise ValueError(f"the Hessian is not positive definite even with {percdamp * 10 ** DAMPING_RETRIES:g} x "
-                     "mean(diag H) damping: raise --percdamp (or calibrate on more tokens)")
+    raise HessianNotPositiveDefinite(f"the Hessian is not positive definite even with "
+                                     f"{percdamp * 10 ** DAMPING_RETRIES:g} x mean(diag H) damping: raise --percdamp "
+                                     "(or calibrate on more tokens)")

@@ -8,8 +8,9 @@ import main
 from utils.assets import AssetError, asset_path
 
 SMALL = ["--model_args", "pretrained=smollm2-135m-offline", "--device", "cpu", "--calib_dataset", "enwiki",
-         "--calib_size", "4", "--calib_seqlen", "128", "--search_round", "1", "--search_intervals", "0.01", "1.2",
-         "8", "--act_search_tokens", "256", "--eval_ppl", "enwiki-heldout", "--ppl_seqlen", "256", "--limit", "6"]
+         "--calib_seqlen", "128", "--eval_ppl", "enwiki-heldout", "--ppl_seqlen", "256", "--limit", "6"]
+CALIB = ["--calib_size", "4"]  # main.py refuses flags the run would ignore (here: without quantization)
+SEARCH = ["--search_round", "1", "--search_intervals", "0.01", "1.2", "8", "--act_search_tokens", "256"]
 
 
 # a local multiple-choice task in a built-in schema, the cloze task from held-out Wikipedia, and the real
@@ -34,10 +35,11 @@ def runs(tmp_path_factory):
 
     params = str(root / "fpq.safetensors")
     results = {"fp": run("fp", "--fp_only", *TASKS),
-               "minmax": run("minmax", "--quant_config", "MinMax_config_llama"),
-               "fpq": run("fpq", "--quant_config", "FPQ_config_llama", "--ptq_param_path", params, *TASKS)}
+               "minmax": run("minmax", "--quant_config", "MinMax_config_llama", *CALIB),
+               "fpq": run("fpq", "--quant_config", "FPQ_config_llama", "--ptq_param_path", params, *CALIB, *SEARCH,
+                          *TASKS)}
     results["reload"] = run("reload", "--quant_config", "FPQ_config_llama", "--only_eval", "--ptq_param_path", params,
-                            *TASKS)
+                            *CALIB, *SEARCH, *TASKS)
     for name in ("fp", "fpq", "reload"):
         results[name]["lm_eval_output"] = json.loads((root / name / "lm_eval_output.json").read_text())
     return results

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import main
+from utils.cli_checks import check_arguments
 
 SCRIPTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "complete_scripts").rglob("*.sh")
                  if p.name != "common.sh")
@@ -34,6 +35,7 @@ def test_script_command_lines_parse(script):
     assert len(set(outputs)) == len(outputs), "two runs of one script would share an output folder"
     for args in runs:
         assert args.limit == 2 and args.tasks
+        check_arguments(args)  # no flag out of range, contradicting another or ignored by the config
         if not args.fp_only:
             assert main.make_config(args).name == args.quant_config
 

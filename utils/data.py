@@ -68,28 +68,58 @@ def load_documents(name: str, split: str = "train") -> list[str]:
         return wikipedia_articles()[1::2]
     if name == "abcnews":
         return [line.strip() for line in open(asset_path("abcnews"), encoding="utf-8") if line.strip()]
+    check_source(name)
+    return _local_documents(Path(name)) if is_local_source(name) else _hub_documents(name, split)
+
+
+def is_local_source(name: str) -> bool:
+    return name not in OFFLINE_DATASETS and (Path(name).suffix in (".txt", ".jsonl", ".json") or Path(name).exists())
+
+
+def check_source(name: str):
+    """A dataset name is known, or a path to an existing file (checked before any model is loaded)."""
     path = Path(name)
-    if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
-        return _local_documents(path)
-    if name in HUB_DATASETS:
-        return _hub_documents(name, split)
-    raise DatasetUnavailable(f"unknown dataset {name!r}: use one of {HUB_DATASETS + OFFLINE_DATASETS} "
-                             "or a path to a .txt/.jsonl file")
+    if not is_local_source(name):
+        if name not in HUB_DATASETS + OFFLINE_DATASETS:
+            raise DatasetUnavailable(f"unknown dataset {name!r}: use one of {HUB_DATASETS + OFFLINE_DATASETS} "
+                                     "or a path to a .txt/.jsonl file")
+        return
+    if not path.exists():
+        raise DatasetUnavailable(f"dataset file {path} does not exist")
+    if not path.is_file():
+        raise DatasetUnavailable(f"dataset {path} is a folder, not a file; pass a .txt or .jsonl file")
 
 
 def _local_documents(path: Path) -> list[str]:
-    if not path.exists():
-        raise DatasetUnavailable(f"dataset file {path} does not exist")
-    if path.suffix in (".jsonl", ".json"):
-        docs = []
-        for i, line in enumerate(open(path, encoding="utf-8")):
-            if line.strip():
-                record = json.loads(line)
-                if "text" not in record:
-                    raise DatasetUnavailable(f"{path}:{i + 1}: each JSON line needs a 'text' field")
-                docs.append(record["text"])
-        return docs
-    return [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if d.strip()]
+    try:
+        docs = _jsonl_texts(path) if path.suffix in (".jsonl", ".json") else \
+            [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if d.strip()]
+    except UnicodeDecodeError as error:
+        raise DatasetUnavailable(f"{path} is not UTF-8 text ({error.reason}); convert it to UTF-8") from None
+    if not any(doc.strip() for doc in docs):
+        raise DatasetUnavailable(f"dataset file {path} holds no text")
+    return docs
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """The "text" field of every JSON line; a bad line is named as file:line."""
+    docs = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.strip())
+            except json.JSONDecodeError as error:
+                raise DatasetUnavailable(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") \
+                    from None
+            if not isinstance(record, dict) or "text" not in record:
+                raise DatasetUnavailable(f"{path}:{number}: each JSON line needs a 'text' field")
+            if not isinstance(record["text"], str):
+                raise DatasetUnavailable(f"{path}:{number}: 'text' must be a string, got "
+                                         f"{type(record['text']).__name__}")
+            docs.append(record["text"])
+    return docs
 
 
 def _hub_documents(name: str, split: str) -> list[str]:

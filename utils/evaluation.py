@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .errors import UsageError
 from .report import check_finite_results
 
 
@@ -16,8 +17,8 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of "
-                         f"--ppl_seqlen {seqlen}")
+        raise UsageError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of "
+                         f"--ppl_seqlen {seqlen}; pass a smaller --ppl_seqlen or a longer text")
     total_nll, count = 0.0, 0
     for i in tqdm(range(windows), desc=desc, disable=not progress):
         ids = tokens[i * seqlen:(i + 1) * seqlen].reshape(1, -1).to(model.device)

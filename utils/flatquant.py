@@ -27,14 +27,14 @@ from tqdm import tqdm
 from configs import QuantConfig
 from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, QuantLinear
 from quant_layers.flat import FlatLinear, KVQuant
-from quant_layers.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from quant_layers.gptq import HessianAccumulator, HessianNotPositiveDefinite, gptq_quantize, rtn_quantize
 from quant_layers.learnable import DynamicQuantizer, WeightClip
 from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_factor, kronecker_factors, make_factor
 
 from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, model_dims
 from .models import get_module, same_model, set_module
 from .pipeline import CalibrationReport, PeakMemory, capture_block_inputs, record_inputs, run_block, set_quantized
-from .errors import UserError
+from .errors import UsageError, UserError
 from .files import atomic_write
 
 MATRIX_FORMAT = 1
@@ -121,7 +121,7 @@ class FlatBlock(nn.Module):
             if bits >= 16:
                 return None
             if groupsize > 0 and dims.head_dim % groupsize:
-                raise ValueError(f"KV group size {groupsize} does not divide head_dim {dims.head_dim}; "
+                raise UsageError(f"KV group size {groupsize} does not divide head_dim {dims.head_dim}; "
                                  "pass a divisor of head_dim or -1 (one group per head)")
             return DynamicQuantizer(_element(config, "a", bits), not asym, groupsize,
                                     clip="scalar" if flat.lac else None)
@@ -398,8 +398,11 @@ def _quantize_weight(module: QuantLinear, hessian: HessianAccumulator, inputs, c
     else:
         make = _weight_maker(config)
         if flat.weight_quantizer == "gptq":
-            result = gptq_quantize(weight, hessian.hessian, make, percdamp=flat.percdamp, act_order=flat.act_order,
-                                   groupsize=flat.w_groupsize)
+            try:
+                result = gptq_quantize(weight, hessian.hessian, make, percdamp=flat.percdamp,
+                                       act_order=flat.act_order, groupsize=flat.w_groupsize)
+            except HessianNotPositiveDefinite as error:  # the user's settings or data, not a bug
+                raise UserError(str(error)) from None
         else:
             result = rtn_quantize(weight, make, groupsize=flat.w_groupsize)
         quantized = result.weight.float()

@@ -20,6 +20,7 @@ from .errors import UserError
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
 ALIASES = {"math500": "minerva_math500"}
 LOCAL_SUFFIX = "_local"
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders of files named in data_files
 
 
 class TaskUnavailable(UserError, ValueError):
@@ -159,9 +160,53 @@ def prepare_tasks(names: list[str], task_data: dict[str, Path] | None = None, in
     cannot be had fails at once instead of after the calibration."""
     _lm_eval()
     from lm_eval.tasks import TaskManager
+    if include_path is not None:
+        check_include_path(Path(include_path))
     task_manager = TaskManager(include_path=include_path)
     specs = resolve_tasks(names, task_manager, task_data or {})
+    for spec in specs:
+        check_data_files(spec, task_manager)
     return task_manager, build_tasks(specs, task_manager, offline)
+
+
+def check_include_path(folder: Path):
+    """The folder exists and each YAML in it parses: lm-eval skips a YAML it cannot read, and its task would
+    then be reported as unknown."""
+    import yaml
+    if not folder.is_dir():
+        raise TaskUnavailable(f"--include_path {folder} is not an existing folder")
+    for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
+        try:
+            list(yaml.compose_all(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader))  # syntax only
+        except UnicodeDecodeError as error:
+            raise TaskUnavailable(f"--include_path: {path} is not UTF-8 text ({error.reason})") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise TaskUnavailable(f"--include_path: {path} is not valid YAML "
+                                  f"({getattr(error, 'problem', None) or type(error).__name__}{where})") from None
+
+
+def check_data_files(spec, task_manager):
+    """Local data files a task names (dataset_kwargs.data_files) must exist, so that a missing one is not
+    reported as an unreachable hub."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    if isinstance(spec, dict):
+        config = spec
+    else:
+        entry = task_manager.task_index.get(spec)
+        if entry is None or not str(entry.yaml_path).endswith(".yaml"):
+            return
+        config = load_yaml(str(entry.yaml_path), resolve_func=False, recursive=True)
+    if config.get("dataset_path") not in LOCAL_BUILDERS:  # a hub dataset's data_files lie in its repository
+        return
+    files = (config.get("dataset_kwargs") or {}).get("data_files") or []
+    files = files.values() if isinstance(files, dict) else [files]
+    for group in files:
+        for name in [group] if isinstance(group, str) else group:
+            if not any(c in name for c in "*?[") and "://" not in name and not Path(name).expanduser().exists():
+                task = config.get("task", spec)
+                raise TaskUnavailable(f"task {task!r}: its data file {name} (dataset_kwargs.data_files) does not exist")
 
 
 def evaluate_tasks(model, tokenizer, prepared: tuple, *, num_fewshot=None, limit=None, batch_size="1",

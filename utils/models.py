@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from torch import nn
 from .adapters import ModelAdapter, UnsupportedModel, adapter_for  # noqa: F401  (adapter_for and
 # UnsupportedModel are part of this module's public loading API)
 from .assets import asset_path, cache_dir
-from .errors import UserError
+from .errors import UsageError, UserError
 
 OFFLINE_MODEL = "smollm2-135m-offline"  # the default model: the asset `python -m utils.assets` fetches
 QWEN_OFFLINE_MODEL = "qwen2.5-coder-0.5b-offline"  # opt-in: `python -m utils.assets qwen2.5-coder-0.5b-gguf`
@@ -24,6 +26,10 @@ OFFLINE_MODELS = {OFFLINE_MODEL: ("smollm2-gguf", "SmolLM2-135M-Instruct"),
 
 
 class NonFiniteWeights(UserError, ValueError):
+    pass
+
+
+class ModelUnavailable(UserError, OSError):
     pass
 
 
@@ -52,7 +58,7 @@ def parse_model_args(model_args: str) -> dict:
     args = {}
     for item in filter(None, (s.strip() for s in (model_args or "").split(","))):
         if "=" not in item:
-            raise ValueError(f"--model_args item {item!r} is not key=value")
+            raise UsageError(f"--model_args item {item!r} is not key=value")
         key, value = item.split("=", 1)
         args[key] = {"true": True, "false": False}.get(value.lower(), value)
     return args
@@ -71,8 +77,13 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as error:
-        raise FileNotFoundError(f"cannot load model {name!r}: {str(error).splitlines()[0]} "
-                                f"(offline, use pretrained={OFFLINE_MODEL})") from None
+        raise ModelUnavailable(f"cannot load model {name!r}: {str(error).splitlines()[0]} "
+                               f"(offline, use pretrained={OFFLINE_MODEL})") from None
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met something other than tensors
+        refused = re.search(r"Unsupported global: GLOBAL \S+", str(error))
+        raise ModelUnavailable(f"cannot load model {name!r}: torch refuses its pickle weights as unsafe "
+                               f"({refused.group(0) if refused else 'not only tensors'}); convert them to "
+                               "safetensors with code you trust, or use another model") from None
     if not use_accelerate:
         model.to(device)
     _own_cpu_tensors(model)

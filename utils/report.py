@@ -25,6 +25,10 @@ def check_finite_results(result: dict):
                                   "parameter file and the weights, or evaluate with dtype=float32")
 
 
+class ResultsFileError(UserError, ValueError):
+    pass
+
+
 def format_table(result: dict) -> str:
     qbits = result.get("qbits")
     bits = "FP" if not qbits else "W{}A{}E{}".format(*qbits[:3])
@@ -52,3 +56,20 @@ def write_results(folder: Path, result: dict, lm_eval_output: dict | None = None
     if lm_eval_output is not None:
         atomic_write_text(folder / "lm_eval_output.json", json.dumps(lm_eval_output, indent=2, default=str))
     atomic_write_text(folder / "results.md", format_table(result) + "\n")
+
+
+def previous_results_model(folder: Path) -> str | None:
+    """The model of the results.json already in `folder` (None when there is none or it names none)."""
+    existing = folder / "results.json"
+    if not existing.exists():
+        return None
+    try:
+        previous = json.loads(existing.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = f"{error.msg} at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise ResultsFileError(f"{existing} is not a results file ({reason}); remove it or choose another "
+                               "--output_path") from None
+    if not isinstance(previous, dict):
+        raise ResultsFileError(f"{existing} is not a results file (not a JSON object); remove it or choose "
+                               "another --output_path")
+    return previous.get("model")

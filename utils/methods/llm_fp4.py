@@ -24,7 +24,7 @@ class LLMFP4(Method):
                              "FlatQuant; the LLM-FP4 search is for FP formats")
 
     def calibration_windows(self, config, requested, mode="calibrate") -> int:
-        return 0 if mode == "reload" else requested or DEFAULT_WINDOWS
+        return 0 if mode == "reload" else DEFAULT_WINDOWS if requested is None else requested
 
     def default_path(self, root, config, model_name, fingerprint, calib_tag) -> Path:
         return default_path(root, config, model_name, fingerprint, calib_tag)

@@ -1,0 +1,181 @@
+"""Checks of the command line, done before any model is loaded (and, for what needs the model's config,
+before any calibration): every numeric flag against its range, values of --device and --model_args, local
+data paths, and flags that contradict each other or that the chosen method would ignore. Each failure is a
+one-line UsageError naming the flag and the fix, so a bad value never becomes a default, a traceback or a
+result computed with other settings than the ones asked for.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import fields
+from pathlib import Path
+
+from configs import FlatSettings, load_config
+
+from .data import check_source
+from .errors import UsageError
+from .models import parse_model_args
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
+
+
+def at_least(minimum):
+    return lambda v: v >= minimum, f">= {minimum}"
+
+
+BITS = (lambda v: 2 <= v <= 16, "in 2..16 (16 = not quantized)")
+GROUP_SIZE = (lambda v: v == -1 or v >= 1, "-1 (one group per row or head) or >= 1")
+# flag -> (accepts the value, what is accepted); checked only when the flag is given (None = its default)
+RANGES = {
+    "calib_size": at_least(1), "calib_seqlen": at_least(2), "ppl_seqlen": at_least(2), "ppl_limit": at_least(1),
+    "limit": (lambda v: 0 < v < 1 or v == int(v) >= 1, "a fraction in (0, 1) or a whole number >= 1"),
+    "num_fewshot": at_least(0), "seed": (lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"),
+    "search_round": at_least(1), "act_search_tokens": at_least(1),
+    "w_bits": BITS, "a_bits": BITS, "q_bits": BITS, "k_bits": BITS, "v_bits": BITS,
+    "w_groupsize": GROUP_SIZE, "q_groupsize": GROUP_SIZE, "k_groupsize": GROUP_SIZE, "v_groupsize": GROUP_SIZE,
+    "epochs": at_least(0), "nsamples": at_least(1), "cali_bsz": at_least(1), "flat_lr": (lambda v: v > 0, "> 0"),
+    "diag_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "percdamp": at_least(0),
+}
+
+SEARCH_FLAGS = ("search_round", "search_intervals", "search_grid", "search_strategy", "format_space",
+                "act_search_tokens")
+# Flags of the FlatQuant method: its settings (FlatSettings' fields; `transform` is --no_transform) and files.
+FLAT_FLAGS = tuple(f.name for f in fields(FlatSettings) if f.name != "transform") + (
+    "w_bits", "a_bits", "gptq", "no_transform", "reload_matrix", "matrix_path")
+# Flags that only change what a method calibrates or loads, by the methods that read them; any other method
+# (or --fp_only, which quantizes nothing) would silently drop them.
+FLAGS_OF_METHODS = {
+    "preshift": ("fpq",), "shift_rounding": ("fpq",), "fp_numerics": ("minmax", "fpq_baseline", "fpq"),
+    "feed_quantized": ("minmax", "fpq_baseline", "fpq"), "reuse_params": ("minmax", "fpq_baseline", "fpq"),
+    **{name: ("fpq_baseline", "fpq", "flatquant") for name in SEARCH_FLAGS},
+    **{name: ("flatquant",) for name in FLAT_FLAGS},
+    "only_eval": ("minmax", "fpq_baseline", "fpq", "flatquant"),
+    "ptq_param_path": ("minmax", "fpq_baseline", "fpq", "flatquant"),
+    "calib_size": ("minmax", "fpq_baseline", "fpq", "flatquant"),
+}
+
+
+def given(args, name) -> bool:
+    return getattr(args, name, None) not in (None, False)
+
+
+def check_arguments(args):
+    """Everything that can be checked from the command line alone; run before anything is loaded."""
+    check_ranges(args)
+    check_search_intervals(args.search_intervals)
+    check_batch_size(args.batch_size)
+    device_name(args.device)
+    check_model_args(args.model_args)
+    for source in [args.calib_dataset, *args.eval_ppl]:
+        check_source(source)
+    check_method_flags(args)
+
+
+def check_ranges(args):
+    for name, (accepts, accepted) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or not accepts(value):
+            raise UsageError(f"--{name} must be {accepted}, got {value:g}")
+
+
+def check_search_intervals(intervals):
+    if intervals is None:
+        return
+    g1, g2, n = intervals
+    if not (math.isfinite(g2) and 0 < g1 < g2):
+        raise UsageError(f"--search_intervals needs 0 < gamma1 < gamma2, got {g1:g} {g2:g}")
+    if not (math.isfinite(n) and n == int(n) and n >= 1):
+        raise UsageError(f"--search_intervals n must be a whole number >= 1, got {n:g}")
+
+
+def check_batch_size(batch_size: str):
+    if re.fullmatch(r"auto(:\d+)?", batch_size) or (batch_size.isdigit() and int(batch_size) >= 1):
+        return
+    raise UsageError(f"--batch_size must be a whole number >= 1, 'auto' or 'auto:N', got {batch_size!r}")
+
+
+def device_name(requested: str | None) -> str | None:
+    """--device in lower case (CPU = cpu); anything but cpu, cuda, cuda:N or mps is refused."""
+    if requested is None:
+        return None
+    device = requested.strip().lower()
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {requested!r}")
+    return device
+
+
+def check_model_args(model_args: str) -> dict:
+    parsed = parse_model_args(model_args)
+    if "pretrained" not in parsed:
+        raise UsageError("--model_args needs pretrained=NAME_OR_PATH")
+    if parsed.get("dtype", "auto") not in DTYPES:
+        raise UsageError(f"--model_args dtype={parsed['dtype']} is not supported; use one of {', '.join(DTYPES)}")
+    return parsed
+
+
+def check_method_flags(args):
+    """Refuse flags that contradict each other or that the chosen method (or --fp_only) would ignore."""
+    if args.fp_only:
+        method, chosen = None, "--fp_only (no quantization)"
+    else:
+        config = load_config(args.quant_config)
+        method, chosen = config.method, f"--quant_config {args.quant_config}"
+    for name in FLAGS_OF_METHODS:
+        if given(args, name) and ignored_by(args, name, method):
+            raise UsageError(f"--{name} has no effect with {chosen}; drop one of the two")
+    if method == "flatquant":
+        check_flat_contradictions(args)
+
+
+def ignored_by(args, name: str, method: str | None) -> bool:
+    if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights
+        default = load_config(args.quant_config).flat.weight_quantizer
+        return (args.weight_quantizer or ("gptq" if args.gptq else default)) != "fpq_search"
+    return method not in FLAGS_OF_METHODS[name]
+
+
+# FlatQuant flag pairs of which main.py would silently honour only the first
+FLAT_OVERRIDES = (("nsamples", "calib_size"), ("matrix_path", "ptq_param_path"), ("reload_matrix", "resume"),
+                  ("only_eval", "resume"), ("weight_quantizer", "gptq"))
+
+
+def check_flat_contradictions(args):
+    for first, second in FLAT_OVERRIDES:
+        if not (given(args, first) and given(args, second)):
+            continue
+        a, b = getattr(args, first), getattr(args, second)
+        if not ((a == b and not isinstance(a, bool)) or (first, a) == ("weight_quantizer", "gptq")):
+            raise UsageError(f"--{first} and --{second} contradict each other (only --{first} would count); "
+                             "give one of them")
+
+
+def check_param_file_settings(args, config):
+    """--only_eval on one of our parameter files: the settings that decide how its quantizers run (the FPQ
+    pre-shift, the FP numerics) must be the file's; its metadata says which they were."""
+    path = Path(args.ptq_param_path or "")
+    if config.method == "flatquant" or not (args.only_eval and path.suffix == ".safetensors" and path.is_file()):
+        return
+    from .params import read_metadata
+    saved = read_metadata(path)["config"]
+    for name in ("preshift", "fp_numerics"):
+        if name in saved and saved[name] != getattr(config, name):
+            raise UsageError(f"{path} was calibrated with --{name} {saved[name]}, not {getattr(config, name)}; "
+                             f"pass --{name} {saved[name]} to evaluate it")
+
+
+def check_sequence_lengths(args, model_config, calibrating: bool):
+    """The windows must fit the model's positions; run once the model's config is known, before calibration."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    lengths = {"ppl_seqlen": args.ppl_seqlen if args.eval_ppl else None,
+               "calib_seqlen": args.calib_seqlen if calibrating else None}
+    for name, length in lengths.items():
+        if length is not None and length > positions:
+            raise UsageError(f"--{name} {length} exceeds the model's {positions} positions; "
+                             f"pass --{name} {positions} or less")
