@@ -5,7 +5,8 @@ import importlib
 import pkgutil
 from dataclasses import asdict, dataclass, field, replace
 
-from quant_layers.formats import NUMERICS
+from quant_layers.formats import NUMERICS, FPFormat
+from quant_layers.schemes import IntElement, Scheme
 from quant_layers.search import SearchSettings
 from utils.errors import UsageError
 
@@ -109,6 +110,23 @@ class QuantConfig:
     @property
     def qbits(self) -> list[int]:
         return [self.w_bits, self.a_bits, self.e_bits, self.w_exp, self.a_exp, self.e_exp]
+
+    def scheme(self, operand: str) -> Scheme | None:
+        """The scheme of "weight", "input" or "embedding" that --qbits and the element give, with the granularity
+        this config's method starts from (its MinMax point; searches and GPTQ refine the ranges); None for an
+        operand left at 16 bits. The one place where bit widths become formats."""
+        kind = {"weight": "w", "input": "a", "embedding": "e"}[operand]
+        bits = getattr(self, f"{kind}_bits")
+        if bits >= 16:
+            return None
+        if self.element == "int":
+            asymmetric = self.flat is not None and operand != "embedding" and getattr(self.flat, f"{kind}_asym")
+            element = IntElement(bits, symmetric=not asymmetric, full_range=self.flat is not None)
+        else:
+            element = FPFormat.from_bits(bits, getattr(self, f"{kind}_exp"), self.fp_numerics)
+        dynamic_inputs = self.flat is not None  # FlatQuant quantizes activations per token at run time
+        granularity = {"weight": "row", "input": "token" if dynamic_inputs else "tensor", "embedding": "tensor"}
+        return Scheme(element, granularity[operand])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -138,3 +138,20 @@ def test_gptq_ranges_survive_as_one_group_quantizer(element):
     scattered = gptq_quantize(w, accumulator.hessian, make, groupsize=16, act_order=True)
     assert scattered.weight_quantizer() is None
     assert gptq_quantize(w, accumulator.hessian, make).weight_quantizer().spec() == Scheme(element, "row")
+
+
+def test_named_configs_as_schemes():
+    """--qbits becomes formats in one place (QuantConfig.scheme): element, granularity of each operand."""
+    from configs import load_config
+    fpq = load_config("FPQ_config_llama").with_qbits([4, 8, 6, 2, 4, 3])
+    assert fpq.scheme("weight") == Scheme(E2M1, "row")
+    assert fpq.scheme("input") == Scheme(FPFormat(4, 3), "tensor")
+    assert fpq.scheme("embedding") == Scheme(FPFormat(3, 2), "tensor")
+    assert load_config("FPQ_simulated_config_llama").with_qbits([4, 4, 16, 2, 2, 2]).scheme("embedding") is None
+    integer = load_config("MinMax_INT_config_llama")
+    assert integer.scheme("weight") == Scheme(IntElement(4), "row")
+    assert integer.scheme("input") == Scheme(IntElement(4), "tensor")
+    flat = load_config("FlatQuant_config_llama")
+    assert flat.scheme("weight") == Scheme(IntElement(4, True, True), "row")
+    assert flat.scheme("input") == Scheme(IntElement(4, True, True), "token")
+    assert load_config("FlatQuant_FP_config_llama").scheme("input") == Scheme(E2M1, "token")

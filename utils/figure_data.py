@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from configs import QuantConfig
-from quant_layers import FPFormat, FPQuantizer, IntQuantizer, QuantLinear
+from quant_layers import FPFormat, QuantLinear, make_quantizer
 from quant_layers.learnable import DynamicQuantizer
 
 from .adapters import LLAMA_LIKE, ModelAdapter, adapter_for
@@ -90,15 +90,10 @@ def minmax_quantizers(config: QuantConfig, weight: torch.Tensor, x: torch.Tensor
             w_quant = DynamicQuantizer(element("w", config.w_bits), not config.flat.w_asym)
         if config.a_bits < 16:
             a_quant = DynamicQuantizer(element("a", config.a_bits), not config.flat.a_asym)
-    elif config.element == "int":
-        w_quant = IntQuantizer.minmax(weight, config.w_bits, "row") if config.w_bits < 16 else None
-        a_quant = IntQuantizer.minmax(x, config.a_bits, "tensor") if config.a_bits < 16 else None
     else:
-        def fmt(kind):
-            bits, exponent = getattr(config, f"{kind}_bits"), getattr(config, f"{kind}_exp")
-            return FPFormat.from_bits(bits, exponent, config.fp_numerics)
-        w_quant = FPQuantizer.minmax(weight, fmt("w"), "row") if config.w_bits < 16 else None
-        a_quant = FPQuantizer.minmax(x, fmt("a"), "tensor") if config.a_bits < 16 else None
+        w_scheme, a_scheme = config.scheme("weight"), config.scheme("input")
+        w_quant = make_quantizer(w_scheme, weight) if w_scheme else None
+        a_quant = make_quantizer(a_scheme, x) if a_scheme else None
     return w_quant, a_quant
 
 

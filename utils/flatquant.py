@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from configs import QuantConfig
-from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, QuantLinear
+from quant_layers import FPFormat, LinearSearch, QuantLinear, make_quantizer
 from quant_layers.flat import FlatLinear, KVQuant
 from quant_layers.gptq import HessianAccumulator, HessianNotPositiveDefinite, gptq_quantize, rtn_quantize
 from quant_layers.learnable import DynamicQuantizer, WeightClip
@@ -351,11 +351,8 @@ def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs
 
 # ----- weight quantization after folding -----
 def _weight_maker(config):
-    flat = config.flat
-    if config.element == "fp":
-        fmt = FPFormat.from_bits(config.w_bits, config.w_exp)
-        return lambda w: FPQuantizer.minmax(w, fmt, "row")
-    return lambda w: IntQuantizer.minmax(w, config.w_bits, "row", symmetric=not flat.w_asym, full_range=True)
+    scheme = config.scheme("weight")
+    return lambda w: make_quantizer(scheme, w)
 
 
 def quantize_block_weights(block, adapter, config, hidden, call_kwargs) -> dict:

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from configs import QuantConfig
-from quant_layers import FPFormat, FPQuantizer, IntQuantizer, LinearSearch, QuantEmbedding, QuantLinear
+from quant_layers import LinearSearch, QuantEmbedding, QuantLinear, make_quantizer
 from quant_layers.search import BIAS_FIRST, WEIGHT_FIRST, search_embedding
 
 from .adapters import ModelAdapter, adapter_for
@@ -47,12 +47,10 @@ def calibrate_embedding(module: QuantEmbedding, config: QuantConfig):
     if config.e_bits >= 16:
         return
     w = module.weight.detach()
-    if config.element == "int":
-        module.weight_quantizer = IntQuantizer.minmax(w, config.e_bits, "tensor")
-    elif config.embedding_search and config.method != "minmax":
+    if config.element == "fp" and config.embedding_search and config.method != "minmax":
         module.weight_quantizer = search_embedding(w, config.e_bits, config.search, config.fp_numerics)
     else:
-        module.weight_quantizer = FPQuantizer.minmax(w, FPFormat.from_bits(config.e_bits, config.e_exp, config.fp_numerics), "tensor")
+        module.weight_quantizer = make_quantizer(config.scheme("embedding"), w)
     module.freeze()
 
 
@@ -61,16 +59,17 @@ def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantCon
 
     Linears that read the same inputs may pass one `shared` dict so input-side terms are computed once."""
     w = module.weight.detach()
-    quant_w, quant_a = config.w_bits < 16, config.a_bits < 16
-    if config.element == "int":
-        module.weight_quantizer = IntQuantizer.minmax(w, config.w_bits, "row") if quant_w else None
-        module.act_quantizer = IntQuantizer.minmax(inputs, config.a_bits, "tensor") if quant_a else None
+    weight_scheme, input_scheme = config.scheme("weight"), config.scheme("input")
+    quant_w, quant_a = weight_scheme is not None, input_scheme is not None
+    if config.element == "int":  # MinMax INT: no search
+        module.weight_quantizer = make_quantizer(weight_scheme, w) if quant_w else None
+        module.act_quantizer = make_quantizer(input_scheme, inputs) if quant_a else None
         module.freeze()
         return {}
     search = LinearSearch(w, inputs, config.search, per_channel=config.method == "fpq",
                           folded=config.method == "fpq" and config.preshift == "folded", shared=shared)
-    w_fmt = FPFormat.from_bits(config.w_bits, config.w_exp, config.fp_numerics) if quant_w else None
-    a_fmt = FPFormat.from_bits(config.a_bits, config.a_exp, config.fp_numerics) if quant_a else None
+    w_fmt = weight_scheme.element if quant_w else None
+    a_fmt = input_scheme.element if quant_a else None
     order = BIAS_FIRST if config.method == "fpq" else WEIGHT_FIRST
     weight, act, report = search.run(w_fmt, a_fmt, order, search=config.method != "minmax")
     module.weight_quantizer = search.weight_quantizer(weight, act) if quant_w else None
