@@ -115,3 +115,14 @@ def test_a_family_registered_from_outside_the_table(ids, tmp_path, monkeypatch):
                   progress=False)
     set_quantized(model, False)
     assert (logits(model, ids[:2]) - reference).norm() / reference.norm() < 1e-4
+
+
+def test_layernorm_fold_scales_weight_and_bias():
+    norm = torch.nn.LayerNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    x, scale = torch.randn(3, 64), torch.rand(64) + 0.5
+    expected = norm(x) * scale
+    adapters.fold_scale_into_norm(norm, scale, "layer")
+    assert torch.allclose(norm(x), expected, atol=1e-5)
