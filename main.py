@@ -363,8 +363,7 @@ def quantize_model(args, config, model, tokenizer, name) -> dict:
                              "seed": args.seed}}
     report = quantize(model, config, calib, files=ParamFile(path, mode, name, fingerprint, extra),
                       release_originals=True)
-    print(f"{'loaded' if report.loaded else 'saved'} quantization parameters {'from' if report.loaded else 'to'} "
-          f"{report.param_path}")
+    print(f"quantization parameters: {report.param_path} ({'loaded' if report.loaded else mode})")
     return {"param_path": report.param_path, **({} if report.loaded else {"calibration": report.to_dict()})}
 
 

@@ -41,5 +41,5 @@ class FlatQuant(Method):
             blocks = len(get_module(model, (adapter or adapter_for(model)).layers))
             raise Interrupted(f"FlatQuant calibration interrupted; {matrix_blocks_saved(files.path)} of {blocks} "
                               f"blocks are saved in {files.path}; {RESUME_HINT}") from None
-        report.param_path, report.loaded = str(files.path), files.mode == "reload"
+        report.param_path = str(files.path)  # a reload still quantizes the weights: the report is a calibration's
         return report
