@@ -205,16 +205,15 @@ def resolve_device(requested):
 def check_param_output(args, config):
     """The parameter or matrix file calibration writes, checked before the model loads: found unwritable only
     after calibrating, the work would be lost. Calibration writes safetensors, never .pt."""
+    from utils.methods import method_for
     if config is None or args.only_eval or args.reload_matrix:
         return
     flag = "--matrix_path" if args.matrix_path else "--ptq_param_path"
     given = args.matrix_path or args.ptq_param_path
     if given is None:
         check_output_folder("search_result", "the default parameter folder")
-    elif config.method == "flatquant" and (Path(given).is_dir() or not Path(given).suffix):
-        check_output_folder(given, flag)  # a folder that receives flat_matrices.safetensors
-    else:
-        check_output_file(given, flag, ".safetensors")
+    else:  # the method says which file a given path means (FlatQuant takes a folder, too)
+        check_output_file(method_for(config).resolve_path(Path(given)), flag, ".safetensors")
 
 
 def output_folder(args, model_name):
