@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks import BlockQuantizer
 from .formats import (FPFormat, fp_decode, fp_encode, fp_quantize, int_asymmetric_codes, int_asymmetric_params,
                       int_quantize_asymmetric, int_quantize_symmetric, int_symmetric_codes, int_symmetric_scale)
 from .schemes import GRANULARITIES, IntElement, Scheme, register_scale
@@ -192,6 +193,10 @@ def quantizer_to_state(q: nn.Module) -> tuple[dict, dict]:
         spec = {"kind": "int", "bits": q.bits, "symmetric": q.symmetric, "dynamic": q.dynamic,
                 "full_range": q.full_range}
         tensors = {k: v for k, v in (("scale", q.scale), ("zero", q.zero)) if v is not None}
+    elif isinstance(q, BlockQuantizer):
+        spec = {"kind": "block", "scheme": q.spec().to_dict()}
+        tensors = {k: v for k, v in (("scale", q.scale), ("tensor_scale", q.tensor_scale)) if v is not None}
+        return spec, tensors
     else:
         raise TypeError(f"cannot serialise quantizer {type(q).__name__}")
     if q.group_size:  # absent in files written before groups existed
@@ -206,4 +211,8 @@ def quantizer_from_state(spec: dict, tensors: dict) -> nn.Module:
     if spec["kind"] == "int":
         return IntQuantizer(spec["bits"], spec["symmetric"], tensors.get("scale"), tensors.get("zero"),
                             spec["dynamic"], spec.get("full_range", False), spec.get("group_size", 0))
+    if spec["kind"] == "block":
+        scheme = Scheme.from_dict(spec["scheme"])
+        return BlockQuantizer(scheme.element, scheme.group_size, scheme.scale, tensors.get("scale"),
+                              tensors.get("tensor_scale"), scheme.dynamic, scheme.rule or "even")
     raise ValueError(f"unknown quantizer kind {spec['kind']!r}")

@@ -41,6 +41,7 @@ class IntElement:
 
 
 DEFAULT_SCALE = {FPFormat: "exponent_bias", IntElement: "float"}
+BLOCK_SCALES = ("e8m0", "e4m3")  # quant_layers.blocks: MX power-of-two, NVFP4 E4M3 x FP32
 Builder = Callable[["Scheme", "torch.Tensor | None"], nn.Module]
 # scale encoding -> (the element type it applies to, the builder of its quantizers); filled by register_scale
 SCALES: dict[str, tuple[type, Builder]] = {}
@@ -58,6 +59,8 @@ class Scheme:
     group_size: int = 0  # elements per group along the last dimension; only with granularity "group"
     scale: str = ""  # "" = the element's default: LLM-FP4's real exponent bias for FP, a float scale for INT
     dynamic: bool = False  # "token" is always dynamic; "group" may be (per token x group)
+    rule: str = ""  # E8M0 block scales: how a block maximum becomes a power of two (quant_layers.blocks.MX_RULES)
+    tensor_scale: str = ""  # E4M3 block scales of dynamic inputs: FP32 tensor scale "static" (calibrated) or "dynamic"
 
     def __post_init__(self):
         if not self.scale:
@@ -74,28 +77,40 @@ class Scheme:
             raise ValueError(f"scale encoding {self.scale!r} does not apply to {self.element.name}")
         if self.dynamic and self.granularity not in ("token", "group"):
             raise ValueError(f"a dynamic range is per token or per token x group, not per {self.granularity}")
+        if self.scale in BLOCK_SCALES and self.granularity != "group":
+            raise ValueError(f"{self.scale} scales belong to blocks: granularity 'group' with a block size")
+        defaults = {"rule": "even" if self.scale == "e8m0" else "",
+                    "tensor_scale": "static" if self.scale == "e4m3" else ""}
+        for name, default in defaults.items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, default)
+            elif not default:
+                raise ValueError(f"{name} applies to {'e8m0' if name == 'rule' else 'e4m3'} block scales only")
 
     @property
     def name(self) -> str:
         where = f"group{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"{self.element.name}/{where}" + ("/dynamic" if self.dynamic and self.granularity != "token" else "")
+        scale = f"/{self.scale}" if self.scale in BLOCK_SCALES else ""
+        return f"{self.element.name}/{where}{scale}" + ("/dynamic" if self.dynamic and self.granularity != "token" else "")
 
     def to_dict(self) -> dict:
         element = asdict(self.element)
         element["kind"] = "fp" if isinstance(self.element, FPFormat) else "int"
         return {"element": element, "granularity": self.granularity, "group_size": self.group_size,
-                "scale": self.scale, "dynamic": self.dynamic}
+                "scale": self.scale, "dynamic": self.dynamic, "rule": self.rule, "tensor_scale": self.tensor_scale}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Scheme":
         element = dict(data["element"])
         kind = element.pop("kind")
         element = FPFormat(**element) if kind == "fp" else IntElement(**element)
-        return cls(element, data["granularity"], data["group_size"], data["scale"], data["dynamic"])
+        return cls(element, data["granularity"], data["group_size"], data["scale"], data["dynamic"],
+                   data.get("rule", ""), data.get("tensor_scale", ""))
 
 
 def make_quantizer(scheme: Scheme, x: torch.Tensor | None = None) -> nn.Module:
-    """A quantizer for `scheme`, its static range set from x's absolute maximum (x unused when dynamic)."""
+    """A quantizer for `scheme`, its static range set from x's absolute maximum (x unused when dynamic, except
+    for the calibrated tensor scale of dynamic NVFP4 inputs)."""
     if x is None and not scheme.dynamic:
         raise ValueError(f"a static {scheme.name} quantizer needs the tensor whose range it takes")
     return SCALES[scheme.scale][1](scheme, x)
