@@ -158,6 +158,25 @@ class BlockQuantizer(nn.Module):
             tensor_scale = nvfp4_tensor_scale(x.detach().abs().amax(), fmt=fmt)
         return cls(fmt, block_size, encoding, e4m3_scales(amax, tensor_scale, fmt, clip, divisor), tensor_scale)
 
+    @classmethod
+    def four_over_six(cls, x: torch.Tensor, fmt: FPFormat, block_size: int, *, tensor_scale=None, clip=None,
+                      importance: torch.Tensor | None = None) -> "BlockQuantizer":
+        """NVFP4 "four over six": each block's scale maps its maximum to 6 or to 4, whichever gives the lower
+        squared error (weighted per input channel by `importance`, e.g. the inputs' mean square). The default
+        tensor scale aims at 256 so that no 4-mapped scale saturates E4M3."""
+        if tensor_scale is None:
+            tensor_scale = nvfp4_tensor_scale(x.detach().abs().amax(), FOUR_OVER_SIX_E4M3_MAX, fmt)
+        options = [cls.from_tensor(x, fmt, block_size, "e4m3", tensor_scale=tensor_scale, clip=clip, divisor=divisor)
+                   for divisor in (None, 4.0)]
+
+        def block_error(quantizer):
+            error = (quantizer(x) - x).square()
+            return blocks_of(error if importance is None else error * importance, block_size).sum(-1)
+
+        six, four = options
+        scale = torch.where(block_error(four) < block_error(six), four.scale, six.scale)
+        return cls(fmt, block_size, "e4m3", scale, tensor_scale)
+
     def scales(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(each block's stored scale value [..., n / block_size], NVFP4's tensor scale or None) for `blocks`."""
         tensor_scale = None
@@ -179,7 +198,8 @@ class BlockQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = blocks_of(x, self.block_size)
         step = self.step(*self.scales(blocks))
-        return (element_quantize(blocks / step, self.fmt) * step).to(x.dtype).reshape(x.shape)
+        # flatten, not reshape(x.shape): scales with leading candidate dimensions broadcast over x (the search)
+        return (element_quantize(blocks / step, self.fmt) * step).to(x.dtype).flatten(-2)
 
     def spec(self) -> Scheme:
         tensor_scale = "" if self.encoding == "e8m0" else "static" if self.tensor_scale is not None else "dynamic"

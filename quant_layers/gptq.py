@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .blocks import BlockQuantizer
 from .quantizers import FPQuantizer, IntQuantizer
 
 QuantizerFactory = Callable[[torch.Tensor], nn.Module]
@@ -82,6 +83,9 @@ def merge_row_quantizers(quantizers: list[nn.Module], group_size: int) -> nn.Mod
         return None if parts[0] is None else torch.stack([part.reshape(-1, 1) for part in parts], dim=1)
     if isinstance(first, FPQuantizer):
         return FPQuantizer(first.fmt, stacked("bias"), group_size=group_size)
+    if isinstance(first, BlockQuantizer):  # one-block quantizers (block_search.group_quantizer): scales side by side
+        return BlockQuantizer(first.fmt, group_size, first.encoding, torch.cat([q.scale for q in quantizers], -1),
+                              first.tensor_scale, rule=first.rule or "even")
     return IntQuantizer(first.bits, first.symmetric, stacked("scale"), stacked("zero"),
                         full_range=first.full_range, group_size=group_size)
 

@@ -139,7 +139,8 @@ class IntQuantizer(nn.Module):
             out = int_quantize_symmetric(groups, self.bits, scale, self.full_range)
         else:
             out = int_quantize_asymmetric(groups, self.bits, scale, zero)
-        return out.to(x.dtype).reshape(x.shape)
+        # flatten, not reshape(x.shape): scales with leading candidate dimensions broadcast over x (the search)
+        return out.to(x.dtype).flatten(-2) if self.group_size else out.to(x.dtype)
 
     def spec(self) -> Scheme:
         return Scheme(self.element, granularity_of(self.scale, self.dynamic, self.group_size), self.group_size,

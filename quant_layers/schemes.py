@@ -114,3 +114,27 @@ def make_quantizer(scheme: Scheme, x: torch.Tensor | None = None) -> nn.Module:
     if x is None and not scheme.dynamic:
         raise ValueError(f"a static {scheme.name} quantizer needs the tensor whose range it takes")
     return SCALES[scheme.scale][1](scheme, x)
+
+
+
+
+_E2M1, _INT4 = FPFormat(2, 1), IntElement(4, full_range=True)
+# Formats by name: (element, block size, scale encoding, inputs quantized). The block formats are the OCP MX and
+# NVIDIA NVFP4 ones as compressed-tensors defines them; INT4 in groups of 128 is there for comparison.
+PRESETS = {
+    "NVFP4": (_E2M1, 16, "e4m3", True), "NVFP4A16": (_E2M1, 16, "e4m3", False),
+    "MXFP4": (_E2M1, 32, "e8m0", True), "MXFP4A16": (_E2M1, 32, "e8m0", False),
+    "MXFP6_E2M3": (FPFormat(2, 3), 32, "e8m0", True), "MXFP6_E3M2": (FPFormat(3, 2), 32, "e8m0", True),
+    "MXFP8_E4M3": (FPFormat(4, 3), 32, "e8m0", True), "MXFP8_E5M2": (FPFormat(5, 2), 32, "e8m0", True),
+    "W4A16_G128": (_INT4, 128, "float", False), "W4A4_G128": (_INT4, 128, "float", True),
+}
+
+
+def preset(name: str) -> tuple[Scheme, Scheme | None]:
+    """(weight scheme, input scheme or None for weight-only) of a named format: static weight blocks, dynamic
+    per-token input blocks. Built on call, once the scale encodings are registered."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown format {name!r}; choose from {', '.join(PRESETS)}")
+    element, size, encoding, inputs = PRESETS[name]
+    weight = Scheme(element, "group", size, encoding)
+    return weight, Scheme(element, "group", size, encoding, dynamic=True) if inputs else None
