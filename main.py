@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = p.add_argument_group("quantization")
     q.add_argument("--quant_config", default="FPQ_config_llama", help="a config name in configs/")
-    q.add_argument("--qbits", nargs=6, type=int, default=[4, 4, 4, 2, 2, 2], metavar="N",
+    q.add_argument("--qbits", nargs=6, type=int, default=None, metavar="N",
                    help="W A E bits, then W A E exponent bits (paper E/W/A 4/4/8 is --qbits 4 8 4 ...); "
-                        "16 bits leaves that operand unquantized")
+                        "16 bits leaves that operand unquantized (default: 4 4 4 2 2 2; not for named formats)")
     q.add_argument("--calib_dataset", default="c4",
                    help="c4, wikitext2, pile (hub), enwiki (offline) or a .txt/.jsonl file")
     q.add_argument("--calib_size", type=int, default=None,
@@ -94,8 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ptq_param_path", default=None,
                    help="parameter file to write (calibration) or read (--only_eval); .safetensors or reference .pt")
     q.add_argument("--fp_only", action="store_true", help="evaluate the full-precision model, no quantization")
+    q.add_argument("--ignore", nargs="+", choices=["lm_head", "embedding", "none"], default=None,
+                   help="modules left in full precision, replacing the config's choice (named formats: lm_head and "
+                        "embedding, as llm-compressor; LLM-FP4: none); 'none' quantizes both")
+    add_format_flags(p)
     add_flatquant_flags(p)
     return p
+
+
+def add_format_flags(p):
+    from quant_layers.blocks import MX_RULES
+    from quant_layers.schemes import PRESETS
+    f = p.add_argument_group(
+        "named formats (--quant_config NVFP4_config, NVFP4_GPTQ_config, NVFP4_search_config, NVFP4_best_config, "
+        "NVFP4A16_config, MXFP4_config, MXFP4_GPTQ_config, MXFP4_search_config, MXFP4_best_config, "
+        "W4A16_G128_config)",
+        "Block-scaled FP formats as compressed-tensors computes them, by round-to-nearest or GPTQ (--act_order, "
+        "--percdamp), with LLM-FP4's output-error clip search (the *_search and *_best configs; --search_intervals, "
+        "--search_strategy) and NVFP4's four over six as options.")
+    f.add_argument("--format", choices=list(PRESETS), default=None, help="the format, replacing the config's")
+    f.add_argument("--four_over_six", action="store_true", default=None,
+                   help="NVFP4: each weight block maps its maximum to 6 or to 4, whichever gives the lower error")
+    f.add_argument("--mx_rule", choices=list(MX_RULES), default=None,
+                   help="E8M0 scale of a block maximum: even (compressed-tensors, default), floor (OCP), ceil")
+    f.add_argument("--input_tensor_scale", choices=["static", "dynamic"], default=None,
+                   help="NVFP4 inputs: FP32 tensor scale from calibration (static, default) or from each input")
 
 
 FLAT_SWITCHES = ("w_asym", "a_asym", "q_asym", "k_asym", "v_asym", "cali_trans", "add_diag", "lwc", "lac",
@@ -172,7 +195,8 @@ def flat_settings(args, config):
 def make_config(args):
     from configs import load_config
     from quant_layers.search import replace_settings
-    config = load_config(args.quant_config).with_qbits(args.qbits)
+    config = load_config(args.quant_config)
+    config = config if args.qbits is None else config.with_qbits(args.qbits)
     g1, g2, n = args.search_intervals or (None, None, None)  # checked by utils.cli_checks
     search = replace_settings(config.search, gamma_low=g1, gamma_high=g2, n_candidates=None if n is None else int(n),
                               rounds=args.search_round, grid=args.search_grid, strategy=args.search_strategy,
@@ -183,6 +207,12 @@ def make_config(args):
         changes["preshift"] = args.preshift
     if args.fp_numerics:
         changes["fp_numerics"] = args.fp_numerics
+    if args.ignore:
+        changes.update(quantize_lm_head="lm_head" not in args.ignore, quantize_embedding="embedding" not in args.ignore)
+    if config.block is not None:
+        given = {name: getattr(args, name) for name in ("format", "four_over_six", "mx_rule", "input_tensor_scale",
+                                                        "act_order", "percdamp") if getattr(args, name) is not None}
+        changes["block"] = replace(config.block, **given)
     if config.flat is not None:  # FlatQuant leaves the embedding table alone whatever --qbits says
         changes.update(flat=flat_settings(args, config), e_bits=16)
         if args.nsamples is None and args.calib_size is not None:

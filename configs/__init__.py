@@ -6,7 +6,8 @@ import pkgutil
 from dataclasses import asdict, dataclass, field, replace
 
 from quant_layers.formats import NUMERICS, FPFormat
-from quant_layers.schemes import IntElement, Scheme
+from quant_layers.schemes import PRESETS, IntElement, Scheme, preset
+from quant_layers.blocks import MX_RULES
 from quant_layers.search import SearchSettings
 from utils.errors import UsageError
 
@@ -60,6 +61,43 @@ class FlatSettings:
 
 
 @dataclass(frozen=True)
+class BlockSettings:
+    """A named format (quant_layers.schemes.PRESETS: NVFP4, MXFP4, ..., INT4 in groups of 128) calibrated by the
+    "rtn" or "gptq" method, with LLM-FP4's output-error clip search before rounding (`search`) and NVFP4's four
+    over six as options."""
+    format: str = "NVFP4"
+    search: bool = False  # per-row clip factor of the block scales on the --search_intervals grid
+    four_over_six: bool = False  # NVFP4: each weight block maps its maximum to 6 or 4, whichever errs less
+    mx_rule: str = "even"  # E8M0 scales: compressed-tensors' rounding ("even"), OCP's "floor", or "ceil"
+    input_tensor_scale: str = "static"  # NVFP4 inputs: FP32 tensor scale calibrated ("static") or per input
+    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (block scales from the original weight)
+    percdamp: float = 0.01
+
+    def __post_init__(self):
+        if self.format not in PRESETS:
+            raise UsageError(f"unknown format {self.format!r}; choose from {', '.join(PRESETS)}")
+        weight, _ = preset(self.format)
+        if self.four_over_six and weight.scale != "e4m3":
+            raise UsageError(f"four over six chooses between NVFP4 block scales; {self.format} has none")
+        if self.mx_rule not in MX_RULES:
+            raise UsageError(f"--mx_rule must be one of {MX_RULES}, got {self.mx_rule!r}")
+        if self.input_tensor_scale not in ("static", "dynamic"):
+            raise UsageError(f"--input_tensor_scale must be static or dynamic, got {self.input_tensor_scale!r}")
+        if not 0 <= self.percdamp:
+            raise UsageError(f"--percdamp must be >= 0, got {self.percdamp}")
+
+    def schemes(self) -> tuple[Scheme, Scheme | None]:
+        """(weight scheme, input scheme or None) of the format with these settings' scale rules."""
+        weight, inputs = preset(self.format)
+        if weight.scale == "e8m0":
+            weight = replace(weight, rule=self.mx_rule)
+            inputs = inputs and replace(inputs, rule=self.mx_rule)
+        elif weight.scale == "e4m3" and inputs is not None:
+            inputs = replace(inputs, tensor_scale=self.input_tensor_scale)
+        return weight, inputs
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     name: str
     method: str  # a registered method (utils/methods/): "minmax", "fpq_baseline", "fpq", "flatquant", ...
@@ -82,6 +120,7 @@ class QuantConfig:
     feed_quantized: bool = False  # calibrate block i+1 on block i's quantized output instead of FP
     search: SearchSettings = field(default_factory=SearchSettings)
     flat: FlatSettings | None = None  # the "flatquant" method's settings
+    block: BlockSettings | None = None  # the named formats' settings (methods "rtn" and "gptq")
 
     def __post_init__(self):
         # the method's own requirements are checked by its handler (utils/methods/)
@@ -115,6 +154,9 @@ class QuantConfig:
         """The scheme of "weight", "input" or "embedding" that --qbits and the element give, with the granularity
         this config's method starts from (its MinMax point; searches and GPTQ refine the ranges); None for an
         operand left at 16 bits. The one place where bit widths become formats."""
+        if self.block is not None:  # a named format: the embedding table takes the weights' scheme
+            weight, inputs = self.block.schemes()
+            return inputs if operand == "input" else weight
         kind = {"weight": "w", "input": "a", "embedding": "e"}[operand]
         bits = getattr(self, f"{kind}_bits")
         if bits >= 16:

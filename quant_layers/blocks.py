@@ -141,7 +141,8 @@ class BlockQuantizer(nn.Module):
         self.fmt, self.block_size, self.encoding = fmt, block_size, encoding
         self.dynamic, self.rule = dynamic, rule if encoding == "e8m0" else ""
         self.register_buffer("scale", None if scale is None else scale.float())
-        self.register_buffer("tensor_scale", None if tensor_scale is None else tensor_scale.float().reshape(()))
+        # a copy: fused layers are built from one shared tensor scale, but each quantizer owns (and saves) its own
+        self.register_buffer("tensor_scale", None if tensor_scale is None else tensor_scale.float().reshape(()).clone())
 
     @classmethod
     def from_tensor(cls, x: torch.Tensor, fmt: FPFormat, block_size: int, encoding: str, *,

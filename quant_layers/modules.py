@@ -15,6 +15,7 @@ class _FrozenWeight(nn.Module):
     """Caching of the quantized weight, shared by the linear and the embedding wrappers."""
 
     released = False
+    weight_on_grid = False  # the weight holds quantized values that its quantizer cannot recompute from W (GPTQ's)
 
     def shifted_weight(self) -> torch.Tensor:
         return self.weight.detach().float()
@@ -28,6 +29,7 @@ class _FrozenWeight(nn.Module):
         if self.weight_quantizer is not None and not on_grid:
             w = self.weight_quantizer(w)
         self.quantized_weight = w.to(self.weight.dtype)
+        self.weight_on_grid = on_grid
         self.quantize = True
 
     def release_original(self):

@@ -39,6 +39,7 @@ RANGES = {
     "diag_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "percdamp": at_least(0),
 }
 
+FORMAT_FLAGS = ("format", "four_over_six", "mx_rule", "input_tensor_scale")
 SEARCH_FLAGS = ("search_round", "search_intervals", "search_grid", "search_strategy", "format_space",
                 "act_search_tokens")
 # Flags of the FlatQuant method: its settings (FlatSettings' fields; `transform` is --no_transform) and files.
@@ -48,13 +49,20 @@ FLAT_FLAGS = tuple(f.name for f in fields(FlatSettings) if f.name != "transform"
 # (or --fp_only, which quantizes nothing) would silently drop them.
 FLAGS_OF_METHODS = {
     "preshift": ("fpq",), "shift_rounding": ("fpq",), "fp_numerics": ("minmax", "fpq_baseline", "fpq"),
-    "feed_quantized": ("minmax", "fpq_baseline", "fpq"), "reuse_params": ("minmax", "fpq_baseline", "fpq"),
+    "feed_quantized": ("minmax", "fpq_baseline", "fpq", "rtn", "gptq"),
+    "reuse_params": ("minmax", "fpq_baseline", "fpq", "rtn", "gptq"),
     **{name: ("fpq_baseline", "fpq", "flatquant") for name in SEARCH_FLAGS},
     **{name: ("flatquant",) for name in FLAT_FLAGS},
-    "only_eval": ("minmax", "fpq_baseline", "fpq", "flatquant"),
-    "ptq_param_path": ("minmax", "fpq_baseline", "fpq", "flatquant"),
-    "calib_size": ("minmax", "fpq_baseline", "fpq", "flatquant"),
+    "only_eval": ("minmax", "fpq_baseline", "fpq", "flatquant", "rtn", "gptq"),
+    "ptq_param_path": ("minmax", "fpq_baseline", "fpq", "flatquant", "rtn", "gptq"),
+    "calib_size": ("minmax", "fpq_baseline", "fpq", "flatquant", "rtn", "gptq"),
+    **{name: ("rtn", "gptq") for name in FORMAT_FLAGS},
+    "act_order": ("flatquant", "gptq"), "percdamp": ("flatquant", "gptq"),
+    "qbits": ("minmax", "fpq_baseline", "fpq", "flatquant"),
+    "ignore": ("minmax", "fpq_baseline", "fpq", "rtn", "gptq"),
 }
+# what the named formats' search reads: its grid and strategy (it is one pass, not rounds)
+FORMAT_SEARCH_FLAGS = ("search_intervals", "search_grid", "search_strategy")
 
 
 def given(args, name) -> bool:
@@ -132,6 +140,8 @@ def check_method_flags(args):
 
 
 def ignored_by(args, name: str, method: str | None) -> bool:
+    if method in ("rtn", "gptq") and name in SEARCH_FLAGS:  # read only by the named formats' clip search
+        return name not in FORMAT_SEARCH_FLAGS or not load_config(args.quant_config).block.search
     if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights
         default = load_config(args.quant_config).flat.weight_quantizer
         return (args.weight_quantizer or ("gptq" if args.gptq else default)) != "fpq_search"

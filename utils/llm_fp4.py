@@ -4,11 +4,8 @@ search of quant_layers.search. Workflow only: the numerics live in quant_layers.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from configs import QuantConfig
 from quant_layers import LinearSearch, QuantEmbedding, QuantLinear, make_quantizer
@@ -16,8 +13,7 @@ from quant_layers.search import BIAS_FIRST, WEIGHT_FIRST, search_embedding
 
 from .adapters import ModelAdapter, adapter_for
 from .models import get_module, set_module, untie_embeddings
-from .pipeline import (CalibrationReport, PeakMemory, capture_block_inputs, record_inputs, release_originals,
-                       run_block, set_quantized)
+from .pipeline import CalibrationReport, calibrate_model, capture_linear_inputs
 
 
 def quantized_linear_paths(model, adapter: ModelAdapter) -> list[str]:
@@ -80,78 +76,31 @@ def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantCon
     return {**report, "w_format": weight.fmt.name if quant_w else None, "a_format": act.fmt.name if quant_a else None}
 
 
-# ----- the block-wise driver -----
-def capture_linear_inputs(block, names, hidden, call_kwargs, batch_size):
-    """Block outputs and the flattened inputs [tokens, in] of each named linear (one forward pass)."""
-    store = {name: [] for name in names}
-    out = record_inputs(block, names, hidden, call_kwargs,
-                        lambda name, x: store[name].append(x.reshape(-1, x.shape[-1])), batch_size)
-    return out, {name: torch.cat(chunks) for name, chunks in store.items()}
+# ----- the block step -----
+class LLMFP4Step:
+    """LLM-FP4's calibration of the table, each block's linears and lm_head (pipeline.calibrate_model's step)."""
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+
+    def embedding(self, table: QuantEmbedding):
+        calibrate_embedding(table, self.config)
+
+    def block(self, block, index, hidden, call_kwargs, adapter, batch_size, report):
+        return calibrate_block(block, index, hidden, call_kwargs, adapter, self.config, batch_size, report)
+
+    def head(self, head: QuantLinear, inputs: torch.Tensor) -> dict:
+        return calibrate_linear(head, inputs, self.config)
 
 
-@torch.no_grad()
 def calibrate_blocks(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,
                      batch_size: int = 1, progress: bool = True, release_originals: bool = False,
                      restored_blocks: int = 0, after_block=None) -> CalibrationReport:
-    """Calibrate `model` in place for the LLM-FP4 `config` on token windows `calib_data` [N, T].
-
-    Resuming (FPQ / MinMax): `after_block(index, blocks)` is called after each finished block (to save the
-    parameters so far); `restored_blocks` says that the table and the first blocks already hold the
-    quantizers of an interrupted run of the same settings (see load_params(partial_ok=True)): they are not
-    searched again, only run, so later blocks see the inputs the uninterrupted run gave them.
-    """
+    """Calibrate `model` in place for the LLM-FP4 `config` on token windows `calib_data` [N, T] (see
+    pipeline.calibrate_model for resuming)."""
     adapter = prepare_model(model, config, adapter)
-    report, started = CalibrationReport(), time.perf_counter()
-    with PeakMemory(model.device) as memory:
-        _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release_originals,
-                       restored_blocks, after_block)
-    report.seconds = time.perf_counter() - started
-    report.peak_memory_mb = memory.peak_mb
-    return report
-
-
-def _calibrate_all(model, config, calib_data, adapter, batch_size, progress, report, release, restored, after_block):
-    set_quantized(model, False)
-
-    def finish(module):  # switch a calibrated module (or block) to quantized forward
-        set_quantized(module, True)
-        if release:
-            release_originals(module)
-
-    table = get_module(model, adapter.embedding)
-    if isinstance(table, QuantEmbedding) and not restored:
-        with tqdm(total=1, desc=f"calibrating embedding ({table.num_embeddings} rows)", disable=not progress) as bar:
-            calibrate_embedding(table, config)
-            bar.update()
-    if isinstance(table, QuantEmbedding):
-        table.quantize = False  # blocks are calibrated on full-precision inputs
-
-    captured = capture_block_inputs(model, adapter, calib_data, batch_size)
-    hidden = captured.hidden
-    if isinstance(table, QuantEmbedding):
-        finish(table)
-    blocks = get_module(model, adapter.layers)
-    for index, block in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress)):
-        block_start = time.perf_counter()
-        call_kwargs = captured.call_kwargs[index]
-        if index < restored:  # its quantizers are loaded: only its full-precision output is needed
-            fp_out = run_block(block, hidden, call_kwargs, batch_size)
-        else:
-            fp_out = calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report)
-        finish(block)
-        hidden = run_block(block, hidden, call_kwargs, batch_size) if config.feed_quantized else fp_out
-        report.block_seconds.append(time.perf_counter() - block_start)
-        if after_block is not None and index >= restored:
-            after_block(index, len(blocks))
-
-    head = get_module(model, adapter.lm_head)
-    if isinstance(head, QuantLinear):
-        with tqdm(total=1, desc="calibrating lm_head", disable=not progress) as bar:
-            normed = get_module(model, adapter.final_norm)(hidden)
-            report.layers[adapter.lm_head] = calibrate_linear(head, normed.reshape(-1, normed.shape[-1]), config)
-            bar.update()
-        finish(head)
-    set_quantized(model, True)
+    return calibrate_model(model, LLMFP4Step(config), calib_data, adapter, batch_size, progress, release_originals,
+                           config.feed_quantized, restored_blocks, after_block)
 
 
 def calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report):

@@ -11,6 +11,7 @@ import torch
 
 from configs import QuantConfig
 from quant_layers import QuantEmbedding
+from quant_layers.quantizers import quantizer_from_state
 
 from .errors import ParamFileError
 
@@ -99,6 +100,8 @@ def check_tensor(path, key: str, tensor: torch.Tensor | None, fits: tuple[int, .
 
 def check_module(path, name: str, entry: dict, module, tensors: dict, config: QuantConfig):
     """One module's entry and tensors of a parameter file."""
+    if config.block is not None:
+        return check_format_module(path, name, entry, module, tensors, config)
     for slot in OPERANDS:
         spec = entry.get(slot)
         check_spec(path, name, slot, spec, module, config)
@@ -110,3 +113,42 @@ def check_module(path, name: str, entry: dict, module, tensors: dict, config: Qu
     shift = f"{name}.input_shift"
     if shift in tensors:
         check_tensor(path, shift, tensors[shift], (module.in_features,))
+
+
+def check_format_module(path, name: str, entry: dict, module, tensors: dict, config: QuantConfig):
+    """A named format's module: each quantizer's scheme is the config's, its ranges fit the weight's blocks, and
+    GPTQ's weight codes (when stored) have the weight's shape."""
+    table = isinstance(module, QuantEmbedding)
+    for slot, operand in OPERANDS.items():
+        wanted = None if table and slot == "act_quantizer" else config.scheme("embedding" if table else operand)
+        spec, where = entry.get(slot), f"{path}: {name}.{slot}"
+        if (spec is None) != (wanted is None):
+            state = "missing" if spec is None else "present"
+            raise ParamFileError(f"{where} is {state}, unlike in {config.name} ({config.block.format}); pass a file of "
+                                 "this format")
+        if spec is None:
+            continue
+        prefix = f"{name}.{slot}."
+        values = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        for key, tensor in values.items():
+            check_tensor(path, prefix + key, tensor, None, positive=key != "zero")
+        try:
+            quantizer = quantizer_from_state(spec, values)
+            held = quantizer.spec()
+        except (KeyError, TypeError, ValueError) as error:
+            raise ParamFileError(f"{where} has an unreadable description ({error}); re-run the calibration") from None
+        if held != wanted:
+            raise ParamFileError(f"{where} holds {held.name}, not {wanted.name} as {config.name} asks; pass a file of "
+                                 "this format")
+        if not held.dynamic and tuple(quantizer.scale.shape[:2]) != range_shape(module.weight.shape, held.group_size):
+            raise ParamFileError(f"{path}: {prefix}scale has shape {tuple(quantizer.scale.shape)}, which does not fit "
+                                 f"this model's weight {tuple(module.weight.shape)}; pass the file of this model")
+    codes = tensors.get(f"{name}.weight_codes")
+    if codes is not None and (codes.is_floating_point() or tuple(codes.shape) != tuple(module.weight.shape)):
+        raise ParamFileError(f"{path}: {name}.weight_codes is not an integer tensor of the weight's shape "
+                             f"{tuple(module.weight.shape)}; pass the file of this model")
+
+
+def range_shape(weight_shape, group_size: int) -> tuple[int, int]:
+    rows, columns = weight_shape
+    return rows, columns // group_size

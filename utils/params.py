@@ -80,6 +80,9 @@ def save_params(path: str | Path, model, config: QuantConfig, model_name: str, e
                 tensors.update({f"{name}.{slot}.{k}": v.detach().contiguous().cpu() for k, v in values.items()})
         if getattr(module, "input_shift", None) is not None:
             tensors[f"{name}.input_shift"] = module.input_shift.detach().contiguous().cpu()
+        if module.weight_on_grid:  # GPTQ's weights: not recomputable from W and the ranges, so kept as codes
+            codes, _ = module.weight_quantizer.encode(module.quantized_weight.float())
+            tensors[f"{name}.weight_codes"] = smallest_int(codes).contiguous().cpu()
         modules[name] = entry
     metadata = {"model": model_name, "fingerprint": fingerprint, "config": config.to_dict(),
                 "qbits": config.qbits, "versions": versions(), "modules": modules, **(extra or {})}
@@ -151,8 +154,22 @@ def load_params(path: str | Path, model, config: QuantConfig, check_model: bool 
                 setattr(module, slot, quantizer_from_state(entry[slot], values))
         if f"{name}.input_shift" in tensors:
             module.input_shift = tensors[f"{name}.input_shift"].to(device)
-        module.freeze()
+        codes = tensors.get(f"{name}.weight_codes")
+        if codes is not None:
+            prefix = f"{name}.weight_quantizer."
+            ranges = {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+            module.weight.data.copy_(module.weight_quantizer.decode(codes.to(device, torch.int32), ranges))
+        module.freeze(on_grid=codes is not None)
     return meta
+
+
+def smallest_int(codes: torch.Tensor) -> torch.Tensor:
+    """Integer codes in the narrowest integer dtype that holds them (uint8 for every 4- to 8-bit code)."""
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if codes.numel() == 0 or (info.min <= codes.min() and codes.max() <= info.max):
+            return codes.to(dtype)
+    return codes.to(torch.int32)
 
 
 REFERENCE_CONFIGS = {"minmax": "MinMax_config_llama", "fpq_baseline": "FPQ_baseline_config_llama",

@@ -7,11 +7,13 @@ layers, Mistral's sliding window) give each layer its own mask and rotary embedd
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from quant_layers import QuantEmbedding, QuantLinear
 from quant_layers.flat import KVQuant
@@ -81,6 +83,14 @@ def record_inputs(block: nn.Module, names, hidden: torch.Tensor, call_kwargs: di
             handle.remove()
 
 
+def capture_linear_inputs(block, names, hidden, call_kwargs, batch_size):
+    """Block outputs and the flattened inputs [tokens, in] of each named linear (one forward pass)."""
+    store = {name: [] for name in names}
+    out = record_inputs(block, names, hidden, call_kwargs,
+                        lambda name, x: store[name].append(x.reshape(-1, x.shape[-1])), batch_size)
+    return out, {name: torch.cat(chunks) for name, chunks in store.items()}
+
+
 def quant_modules(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
 
@@ -145,3 +155,70 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
+
+
+@torch.no_grad()
+def calibrate_model(model, step, calib_data: torch.Tensor, adapter: ModelAdapter, batch_size: int = 1,
+                    progress: bool = True, release_originals: bool = False, feed_quantized: bool = False,
+                    restored_blocks: int = 0, after_block=None) -> CalibrationReport:
+    """Calibrate a model whose modules are wrapped, block by block on token windows `calib_data` [N, T], with a
+    method's `step`: step.embedding(table), step.block(block, index, hidden, call_kwargs, adapter, batch_size,
+    report) -> the block's full-precision output, step.head(lm_head, its inputs [tokens, in]) -> report entry.
+
+    Blocks are calibrated on full-precision inputs unless `feed_quantized`. Resuming: `after_block(index, blocks)`
+    is called after each finished block (to save the parameters so far); `restored_blocks` says that the table
+    and the first blocks already hold the quantizers of an interrupted run of the same settings: they are not
+    calibrated again, only run, so later blocks see the inputs the uninterrupted run gave them.
+    """
+    report, started = CalibrationReport(), time.perf_counter()
+    with PeakMemory(model.device) as memory:
+        _calibrate_all(model, step, calib_data, adapter, batch_size, progress, report, release_originals,
+                       feed_quantized, restored_blocks, after_block)
+    report.seconds = time.perf_counter() - started
+    report.peak_memory_mb = memory.peak_mb
+    return report
+
+
+def _calibrate_all(model, step, calib_data, adapter, batch_size, progress, report, release, feed_quantized, restored,
+                   after_block):
+    set_quantized(model, False)
+
+    def finish(module):  # switch a calibrated module (or block) to quantized forward
+        set_quantized(module, True)
+        if release:
+            release_originals(module)
+
+    table = get_module(model, adapter.embedding)
+    if isinstance(table, QuantEmbedding) and not restored:
+        with tqdm(total=1, desc=f"calibrating embedding ({table.num_embeddings} rows)", disable=not progress) as bar:
+            step.embedding(table)
+            bar.update()
+    if isinstance(table, QuantEmbedding):
+        table.quantize = False  # blocks are calibrated on full-precision inputs
+
+    captured = capture_block_inputs(model, adapter, calib_data, batch_size)
+    hidden = captured.hidden
+    if isinstance(table, QuantEmbedding):
+        finish(table)
+    blocks = get_module(model, adapter.layers)
+    for index, block in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress)):
+        block_start = time.perf_counter()
+        call_kwargs = captured.call_kwargs[index]
+        if index < restored:  # its quantizers are loaded: only its full-precision output is needed
+            fp_out = run_block(block, hidden, call_kwargs, batch_size)
+        else:
+            fp_out = step.block(block, index, hidden, call_kwargs, adapter, batch_size, report)
+        finish(block)
+        hidden = run_block(block, hidden, call_kwargs, batch_size) if feed_quantized else fp_out
+        report.block_seconds.append(time.perf_counter() - block_start)
+        if after_block is not None and index >= restored:
+            after_block(index, len(blocks))
+
+    head = get_module(model, adapter.lm_head)
+    if isinstance(head, QuantLinear):
+        with tqdm(total=1, desc="calibrating lm_head", disable=not progress) as bar:
+            normed = get_module(model, adapter.final_norm)(hidden)
+            report.layers[adapter.lm_head] = step.head(head, normed.reshape(-1, normed.shape[-1]))
+            bar.update()
+        finish(head)
+    set_quantized(model, True)

@@ -1,4 +1,4 @@
-"""Resumable FPQ / MinMax calibration: after every finished block the parameters so far are written to the
+"""Resumable block-wise calibration (FPQ, MinMax, the named formats): after every finished block the parameters so far are written to the
 parameter file (atomically, marked unfinished); `--resume` installs them and calibrates the remaining blocks,
 which gives the same parameters, bit for bit, as an uninterrupted run. Ctrl-C ends in one line saying what
 was saved and how to continue.
@@ -50,7 +50,7 @@ def restore_progress(path: Path, model, config, adapter, extra: dict) -> int:
 def _modules_of(done: int, model, config, adapter) -> set:
     """The wrapped modules calibrated once `done` blocks are: the table (when quantized) and those blocks."""
     prefixes = tuple(f"{adapter.layers}.{index}." for index in range(done))
-    table = (adapter.embedding,) if done and config.e_bits < 16 else ()
+    table = (adapter.embedding,) if done and config.scheme("embedding") is not None else ()
     return {name for name in quant_modules(model) if name.startswith(prefixes) or name in table}
 
 
@@ -79,15 +79,16 @@ class BlockCheckpoint:
 
 
 def calibrate_resumable(model, config, calib, adapter, path: Path, model_name: str, extra: dict, fingerprint: dict,
-                        resume: bool, release: bool = True):
-    """Calibrate (continuing the unfinished file at `path` with `resume`), checkpointing after every block,
-    then write the finished parameters. Returns (report, the path written)."""
+                        resume: bool, release: bool = True, calibrate=calibrate_blocks):
+    """Calibrate with the method's block-wise driver `calibrate` (continuing the unfinished file at `path` with
+    `resume`), checkpointing after every block, then write the finished parameters. Returns (report, the path
+    written)."""
     check_overwrite(path, fingerprint)  # now, not after the calibration
     done = restore_progress(path, model, config, adapter, extra) if resume else 0
     checkpoint = BlockCheckpoint(path, model, config, model_name, extra, fingerprint, done)
     try:
-        report = calibrate_blocks(model, config, calib, adapter, release_originals=release, restored_blocks=done,
-                                  after_block=checkpoint)
+        report = calibrate(model, config, calib, adapter, release_originals=release, restored_blocks=done,
+                           after_block=checkpoint)
     except KeyboardInterrupt:
         raise checkpoint.interrupted(path) from None
     written = save_with_fallback(path, lambda target: save_params(target, model, config, model_name, extra,

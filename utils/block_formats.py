@@ -1,0 +1,141 @@
+"""The block step of the named formats (NVFP4, MX, INT4 groups) under the "rtn" and "gptq" methods.
+
+Per linear group (q/k/v, gate/up: layers that read the same inputs) the inputs are captured once. Input
+quantizers are dynamic per token x block; NVFP4's FP32 input tensor scale is calibrated from the inputs' maximum
+(llm-compressor's default), and the group's weights share one tensor scale (the smallest of theirs), as vLLM
+fuses q/k/v and gate/up into one GEMM with one scale. Weights are rounded to nearest from their block maxima
+(rtn), or after LLM-FP4's output-error search of a per-row clip factor (`search`), or by GPTQ (with the clip
+factors when searched). Workflow only: the numerics live in quant_layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from configs import QuantConfig
+from quant_layers import QuantEmbedding, QuantLinear, make_quantizer
+from quant_layers.block_search import OutputError, group_quantizer, search_clip, weight_quantizer
+from quant_layers.blocks import FOUR_OVER_SIX_E4M3_MAX, E4M3_MAX, nvfp4_tensor_scale
+from quant_layers.gptq import gptq_quantize
+
+from .adapters import ModelAdapter
+from .llm_fp4 import prepare_model
+from .errors import UsageError
+from .pipeline import CalibrationReport, calibrate_model, capture_linear_inputs, quant_modules
+
+GRAM_CHUNK = 4096  # tokens per Gram-matrix update: bounds the quantized copy of the inputs
+
+
+class BlockFormatStep:
+    """pipeline.calibrate_model's step for a config with `block` settings."""
+
+    def __init__(self, config: QuantConfig):
+        self.config, self.settings = config, config.block
+        self.weight_scheme, self.input_scheme = config.block.schemes()
+
+    def embedding(self, table: QuantEmbedding):
+        table.weight_quantizer = make_quantizer(self.weight_scheme, table.weight.detach().float())
+        table.freeze()
+
+    def block(self, block, index, hidden, call_kwargs, adapter, batch_size, report):
+        heads = [group[0] for group in adapter.linear_groups]
+        fp_out, inputs = capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
+        for group in adapter.linear_groups:
+            modules = {f"{adapter.layers}.{index}.{name}": block.get_submodule(name) for name in group}
+            report.layers.update(self.calibrate_group(modules, inputs[group[0]]))
+        return fp_out
+
+    def head(self, head: QuantLinear, inputs: torch.Tensor) -> dict:
+        return self.calibrate_group({"lm_head": head}, inputs)["lm_head"]
+
+    def calibrate_group(self, modules: dict[str, QuantLinear], inputs: torch.Tensor) -> dict:
+        """Quantize linears that read the same inputs [tokens, in]; returns a report entry per module path."""
+        act = make_quantizer(self.input_scheme, inputs) if self.input_scheme is not None else None
+        tensor_scale = self.shared_tensor_scale([m.weight for m in modules.values()])
+        grams = self.grams(inputs, act) if self.settings.search or self.config.method == "gptq" else None
+        report = {}
+        for path, module in modules.items():
+            module.act_quantizer = None if act is None else make_quantizer(self.input_scheme, inputs)
+            report[path] = self.quantize_weight(module, tensor_scale, grams)
+        return report
+
+    def shared_tensor_scale(self, weights: list[torch.Tensor]) -> torch.Tensor | None:
+        """NVFP4: one FP32 tensor scale for fused layers, the smallest of theirs (no block scale saturates)."""
+        if self.weight_scheme.scale != "e4m3":
+            return None
+        aim = FOUR_OVER_SIX_E4M3_MAX if self.settings.four_over_six else E4M3_MAX
+        return torch.stack([nvfp4_tensor_scale(w.detach().abs().amax(), aim) for w in weights]).min()
+
+    @staticmethod
+    def grams(inputs: torch.Tensor, act: nn.Module | None) -> dict:
+        """X'X, Xq'X and Xq'Xq over the calibration tokens (Xq: the inputs as the input quantizer leaves them)."""
+        features = inputs.shape[-1]
+        grams = {key: torch.zeros(features, features, device=inputs.device) for key in ("xx", "qx", "qq")}
+        for start in range(0, inputs.shape[0], GRAM_CHUNK):
+            x = inputs[start:start + GRAM_CHUNK].float()
+            xq = x if act is None else act(x)
+            grams["xx"].addmm_(x.T, x)
+            grams["qx"].addmm_(xq.T, x)
+            grams["qq"].addmm_(xq.T, xq)
+        grams["tokens"] = inputs.shape[0]
+        return grams
+
+    def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None) -> dict:
+        w = module.weight.detach().float()
+        options = {"tensor_scale": tensor_scale, "four_over_six": self.settings.four_over_six}
+        error = None if grams is None else OutputError(w, grams["qq"], grams["qx"], grams["xx"])
+        if error is not None and self.settings.four_over_six:
+            options["importance"] = error.importance()
+        entry = {"w_format": self.weight_scheme.name,
+                 "a_format": self.input_scheme.name if self.input_scheme else None}
+        if error is not None:
+            entry["rtn_output_error"] = error(weight_quantizer(self.weight_scheme, w, **options)(w)).sum().item()
+        if self.settings.search:
+            options["clip"] = search_clip(w, error, lambda rows, clip: weight_quantizer(
+                self.weight_scheme, rows, **{**options, "clip": clip}), self.config.search)
+        if self.config.method == "gptq":
+            self.gptq(module, w, grams, options)
+        else:
+            module.weight_quantizer = weight_quantizer(self.weight_scheme, w, **options)
+            module.freeze()
+        if error is not None:
+            entry["output_error"] = error(module.quantized_weight.float()).sum().item()
+        return entry
+
+    def gptq(self, module: QuantLinear, w: torch.Tensor, grams: dict, options: dict):
+        """GPTQ against the Hessian of the full-precision inputs; each block's scales come from the weights GPTQ
+        has updated when it reaches the block (from the original weight with act-order, so that a block's
+        columns stay together)."""
+        options = {k: v for k, v in options.items() if k != "importance"}
+        clip = options.pop("clip", None)
+        hessian = grams["xx"] * (2 / grams["tokens"])  # GPTQ's H = 2/N X'X
+
+        def make(columns):  # GPTQ hands the columns of one group; the row clip applies to every group
+            return group_quantizer(self.weight_scheme, columns, clip=clip, **options)
+
+        result = gptq_quantize(w, hessian, make, percdamp=self.settings.percdamp,
+                               act_order=self.settings.act_order, groupsize=self.weight_scheme.group_size,
+                               static_groups=self.settings.act_order)
+        module.weight.data.copy_(result.weight.to(module.weight.dtype))
+        module.weight_quantizer = result.weight_quantizer()
+        module.freeze(on_grid=True)
+
+
+def calibrate_formats(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,
+                      batch_size: int = 1, progress: bool = True, release_originals: bool = False,
+                      restored_blocks: int = 0, after_block=None) -> CalibrationReport:
+    """Calibrate `model` in place for a named-format `config` on token windows `calib_data` [N, T]."""
+    adapter = prepare_model(model, config, adapter)
+    check_block_sizes(model, config)
+    return calibrate_model(model, BlockFormatStep(config), calib_data, adapter, batch_size, progress,
+                           release_originals, config.feed_quantized, restored_blocks, after_block)
+
+
+def check_block_sizes(model, config: QuantConfig):
+    """Refuse, before any work, a format whose block (or group) does not divide a quantized layer's inputs."""
+    size = config.scheme("weight").group_size
+    for name, module in quant_modules(model).items():
+        width = module.in_features if isinstance(module, QuantLinear) else module.embedding_dim
+        if width % size:
+            raise UsageError(f"{config.block.format} blocks of {size} do not divide the {width} inputs of {name}; "
+                             "choose another --format")

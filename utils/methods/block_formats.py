@@ -1,0 +1,72 @@
+"""The named formats (NVFP4, MXFP4, ..., INT4 g128) by round-to-nearest ("rtn") or GPTQ ("gptq"), each with the
+output-error clip search and four over six as options. Parameter files: written block by block, resumable,
+reloadable (GPTQ's weights are stored as their element codes)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from ..block_formats import calibrate_formats, check_block_sizes
+from ..errors import ParamFileError, UsageError
+from ..llm_fp4 import prepare_model
+from ..params import load_params, model_folder, read_metadata
+from ..pipeline import CalibrationReport
+from ..pipeline import release_originals as release_all
+from ..resume import calibrate_resumable, is_unfinished
+from .base import Method, ParamFile, register_method
+
+DEFAULT_WINDOWS = 32  # llm-compressor's examples and the LLM-FP4 paper calibrate on a few hundred to 32 windows
+
+
+@register_method("rtn", "gptq")
+class BlockFormats(Method):
+    def check(self, config):
+        if config.block is None:
+            raise UsageError(f"{config.name}: the {config.method} method needs a named format (block=BlockSettings(...))")
+        if config.flat is not None:
+            raise UsageError(f"{config.name}: FlatQuant settings (flat=...) belong to the flatquant method")
+        if config.method == "rtn" and config.block.act_order:
+            raise UsageError(f"{config.name}: act-order is a GPTQ setting; use a GPTQ config")
+
+    def calibration_windows(self, config, requested, mode="calibrate") -> int:
+        return 0 if mode == "reload" else DEFAULT_WINDOWS if requested is None else requested
+
+    def default_path(self, root, config, model_name, fingerprint, calib_tag) -> Path:
+        """search_result/<config>/<model>-<fingerprint>/<format and every setting>.safetensors"""
+        b, s = config.block, config.search
+        parts = [b.format, config.method, f"rule-{b.mx_rule}", f"inputs-{b.input_tensor_scale}"]
+        if b.search:
+            parts.append(f"search{s.gamma_low:g}-{s.gamma_high:g}-{s.n_candidates}-{s.grid}-{s.strategy}")
+        parts += ["46"] * b.four_over_six + [f"damp{b.percdamp:g}"] * (config.method == "gptq") + ["actorder"] * b.act_order
+        parts += [f"head{int(config.quantize_lm_head)}", f"emb{int(config.quantize_embedding)}", calib_tag]
+        return Path(root) / config.name / model_folder(model_name, fingerprint) / ("_".join(parts) + ".safetensors")
+
+    def quantize(self, model, config, calib, adapter, files: ParamFile | None, *, batch_size, progress,
+                 release_originals):
+        if files is None:
+            return calibrate_formats(model, config, calib, adapter, batch_size, progress, release_originals)
+        adapter = prepare_model(model, config, adapter)
+        finished = files.path.exists() and not is_unfinished(files.path)
+        if files.mode == "reload" or (files.mode == "resume" and finished):
+            check_block_sizes(model, config)
+            check_same_settings(files.path, config)
+            load_params(files.path, model, config)
+            if release_originals:
+                release_all(model)
+            return CalibrationReport(param_path=str(files.path), loaded=True)
+        report, written = calibrate_resumable(model, config, calib, adapter, files.path, files.model_name, files.extra,
+                                              files.fingerprint, resume=files.mode == "resume",
+                                              release=release_originals, calibrate=calibrate_formats)
+        report.param_path = str(written)
+        return report
+
+
+def check_same_settings(path: Path, config):
+    """A file of the same config name but other format settings (e.g. another --format) is refused."""
+    saved = read_metadata(path)["config"]
+    for key, wanted in (("block", asdict(config.block)), ("method", config.method),
+                        ("quantize_lm_head", config.quantize_lm_head),
+                        ("quantize_embedding", config.quantize_embedding)):
+        if saved.get(key) != wanted:
+            raise ParamFileError(f"{path} was calibrated with {key} {saved.get(key)}, not {wanted}; pass the "
+                                 "settings it was made with, or another --ptq_param_path")
