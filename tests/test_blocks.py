@@ -115,10 +115,10 @@ def with_zero_blocks(seed=2) -> torch.Tensor:
 
 
 def magnitude_ladder(seed=3) -> torch.Tensor:
-    """Rows of blocks whose magnitudes climb by 2^9 per block of 32 from the float32 subnormals (2^-148) to
-    2^124, below 2^127 * 1.75 where compressed-tensors' E8M0 code overflows (test_e8m0_saturates_at_the_top),
-    and a row of 1e-30: every E8M0 code from the clamp at 0 to the top, and E4M3 block scales from 448 down
-    through the E4M3 subnormals to the zero stand-in 0.125."""
+    """Rows whose magnitudes climb by 2^9 every 32 columns from the float32 subnormals (2^-148) to 2^122 (the
+    largest value 3 * 2^122, below 2^127 * 1.75 where compressed-tensors' E8M0 code overflows, see
+    test_e8m0_saturates_at_the_top), and a row of 1e-30: E8M0 codes from the clamp at 0 to 249, and NVFP4 blocks
+    whose E4M3 scales underflow to the zero stand-in 0.125."""
     exponents = torch.arange(-148, 125, 9).float()  # 31 blocks
     x = torch.randn(4, 32 * len(exponents), generator=generator(seed)).clamp(-3, 3)
     x = x * torch.exp2(exponents).repeat_interleave(32)
@@ -141,9 +141,10 @@ def midpoints(fmt: FPFormat) -> torch.Tensor:
 
 
 def ties(fmt: FPFormat, block_size: int, encoding: str, seed=5) -> torch.Tensor:
-    """Blocks whose elements, divided by their block's step, are exact midpoints of the element grid (plus the
-    grid values themselves), each block holding the element's top value so that its scale is known: 2^k (E8M0),
-    or s / g with g = 2^m and s an E4M3 value (NVFP4, the tensor maximum 448 * 6 * 2^-m fixes g = 2^m)."""
+    """Blocks of element midpoints and element values times a step, each block holding the element's top value
+    so that the step is its scale: 2^k (E8M0; for E4M3 the "even" rule takes 2^(k+1), which halves the values:
+    midpoints of the binade below), or s / g with g = 2^m and s an E4M3 value (NVFP4: the tensor maximum
+    448 * 6 * 2^-m fixes g = 2^m). test_ties_input_holds_midpoints checks that the ties are there."""
     gen = generator(seed)
     values = torch.cat([midpoints(fmt), ocp_grid(fmt)]).float()
     rows, blocks = 6, 4
@@ -228,6 +229,7 @@ def test_nvfp4_dynamic_tensor_scale_matches_compressed_tensors(dtype):
     quantizer = make_quantizer(Scheme(E2M1, "group", 16, "e4m3", dynamic=True, tensor_scale="dynamic"))
     for x in (activations().to(dtype), activations(seed=8).to(dtype) * 1e-3):
         scale, expected = ct_dynamic(x, args, generate_gparam(x.min(), x.max()))
+        assert_same(quantizer.scales(blocks_of(x, 16))[0], scale)
         assert_same(quantizer(x), expected)
 
 
@@ -243,7 +245,7 @@ def smollm2_linears():
             for name in names}
 
 
-SMOLLM2_ROWS = 96  # compressed-tensors' CPU fake quantization takes about 1 s per million values
+SMOLLM2_ROWS = 96  # compressed-tensors' CPU E2M1 rounding takes about a second per million values
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -310,8 +312,7 @@ def round_to_grid(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
 
 
 def dense_sweep(limit: float) -> torch.Tensor:
-    """2^20 evenly spaced values of [-limit, limit], every float32 whose bits are a multiple of 2^10 in that
-    range, and each grid midpoint with its two float32 neighbours (done by the callers)."""
+    """2^20 evenly spaced values of [-limit, limit] and every float32 in it whose bits are a multiple of 2^10."""
     even = torch.linspace(-limit, limit, 2 ** 20 + 1)
     bits = torch.arange(0, 2 ** 31, 2 ** 10, dtype=torch.int64).int().view(torch.float32)
     bits = bits[bits <= limit]
@@ -319,6 +320,7 @@ def dense_sweep(limit: float) -> torch.Tensor:
 
 
 def around(values: torch.Tensor) -> torch.Tensor:
+    """values and their negatives, each with its two float32 neighbours."""
     values = torch.cat([values, -values]).float()
     return torch.cat([values, values.nextafter(torch.tensor(math.inf)), values.nextafter(torch.tensor(-math.inf))])
 
