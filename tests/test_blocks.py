@@ -55,8 +55,8 @@ def scheme_of(args) -> Scheme:
 
 def assert_same(ours: torch.Tensor, reference: torch.Tensor):
     """Same type, shape and values, NaN nowhere. -0 equals +0 here, the only bits that differ: compressed-tensors
-    adds its zero point, 0, to x / scale, which turns -0 (an input -0, or a quotient that underflowed) into +0,
-    where ours keeps the sign; no product sees the difference."""
+    turns some -0 into +0 (it adds its zero point, 0, to x / scale, which may be an input -0 or a quotient that
+    underflowed; its E2M1 rounding multiplies by sign(-0) = 0), where ours keeps the sign; no product sees it."""
     assert ours.dtype == reference.dtype and ours.shape == reference.shape
     assert not ours.isnan().any()
     mismatched = (ours != reference).nonzero()
