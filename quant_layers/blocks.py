@@ -77,13 +77,18 @@ def mx_scale_codes(amax: torch.Tensor, fmt: FPFormat, rule: str = "even") -> tor
     E2M3 and at E2M1's for every other element, which this follows. "ceil": the smallest power of two that
     clips nothing, 2^ceil(log2(amax / largest element)).
     """
-    if rule == "floor":
-        exponent = torch.floor(torch.log2(amax)) - mx_exponent_offset(fmt)
+    offset = mx_exponent_offset(fmt)
+    if rule in ("floor", "ceil"):
+        # floor(log2 amax) read off the float's own exponent: float32 log2 rounds a value just below 2^k to k
+        # (and then floor gives k), and a ratio just above 2^k to 2^k (and then ceil clips the block maximum)
+        mantissa, binade = torch.frexp(amax.float())  # amax = mantissa * 2^binade, mantissa in [0.5, 1)
+        exponent = torch.where(amax > 0, binade - 1 - offset, -math.inf)  # zero: code 0
+        exponent = torch.where(amax.isinf(), math.inf, exponent)  # infinite: the top code, as "even" gives
+        if rule == "ceil":  # at 2^exponent the block maximum is 2 * mantissa * 2^offset: past the top, one more
+            exponent = exponent + (2 * mantissa * 2 ** offset > element_max(fmt))
     elif rule == "even":
         width = 3 if (fmt.exponent_bits, fmt.mantissa_bits) == (2, 3) else 1
-        exponent = torch.floor(torch.log2(round_mantissa_half_up(amax, width))) - mx_exponent_offset(fmt)
-    elif rule == "ceil":
-        exponent = torch.ceil(torch.log2(amax.float() / element_max(fmt)))
+        exponent = torch.floor(torch.log2(round_mantissa_half_up(amax, width))) - offset
     else:
         raise ValueError(f"unknown E8M0 scale rule {rule!r}; choose from {MX_RULES}")
     return (E8M0_BIAS + exponent).float().clamp(0, 254).round()  # log2(0) = -inf: a zero block gets code 0
@@ -94,9 +99,11 @@ def mx_scales(codes: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4_tensor_scale(amax: torch.Tensor, e4m3_max: float = E4M3_MAX, fmt: FPFormat = FPFormat(2, 1)) -> torch.Tensor:
-    """The FP32 tensor scale g = e4m3_max * (largest element) / amax; 1 where amax is not finite."""
-    amax = amax.float().clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.nan_to_num(e4m3_max * element_max(fmt) / amax, nan=1.0, posinf=1.0, neginf=1.0)
+    """The FP32 tensor scale g = e4m3_max * (largest element) / amax; 1 where amax is not finite. Computed in
+    amax's own type and then stored as float32, as compressed-tensors' generate_gparam does with the observed
+    tensor's minimum and maximum (in bfloat16 for a bfloat16 model: a float32 division differs there)."""
+    amax = amax.clamp(min=torch.finfo(amax.dtype).tiny)
+    return torch.nan_to_num(e4m3_max * element_max(fmt) / amax, nan=1.0, posinf=1.0, neginf=1.0).float()
 
 
 def e4m3_scales(amax: torch.Tensor, tensor_scale: torch.Tensor, fmt: FPFormat = FPFormat(2, 1),
@@ -105,7 +112,9 @@ def e4m3_scales(amax: torch.Tensor, tensor_scale: torch.Tensor, fmt: FPFormat = 
     e4m3(g * (clip * amax / divisor)) when a clip factor or another divisor is given."""
     target = amax if clip is None else amax * clip
     local = target / (element_max(fmt) if divisor is None else divisor)
-    scales = (tensor_scale * local).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    # in float32 even for bfloat16 maxima: a 0-d float32 tensor scale times them would stay bfloat16 (and round
+    # once more), where compressed-tensors multiplies by its [1]-shaped float32 global scale
+    scales = (tensor_scale * local.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
     return torch.where(scales == 0, E4M3_ZERO_SCALE, scales)
 
 
