@@ -21,7 +21,8 @@ def logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("name", [n for n in available() if not n.startswith("FlatQuant")])  # see test_flatquant_*
+@pytest.mark.parametrize("name", [n for n in available()  # FlatQuant: test_flatquant_*; formats: test_block_methods
+                                  if not n.startswith("FlatQuant") and load_config(n).block is None])
 def test_every_config_calibrates_and_changes_the_output(name, tiny_model, calib_ids):
     reference = logits(tiny_model, calib_ids)
     report = quantize(tiny_model, small(name), calib_ids, progress=False)

@@ -6,6 +6,8 @@ between full-precision and quantized forward.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from configs import QuantConfig
@@ -13,6 +15,7 @@ from configs import QuantConfig
 from .adapters import ModelAdapter
 from .llm_fp4 import calibrate_linear, prepare_model  # noqa: F401  (public library names)
 from .methods import ParamFile, method_for
+from .models import model_fingerprint
 from .pipeline import (CalibrationReport, PeakMemory, quant_modules, release_originals,  # noqa: F401
                        set_quantized)
 
@@ -28,5 +31,7 @@ def quantize(model, config: QuantConfig, calib_data: torch.Tensor | None, adapte
     longer run unquantized: take `model_fingerprint` before, if needed). With `files` the method writes its
     parameters there as blocks finish, continues an unfinished file (mode "resume") or only loads it ("reload").
     """
+    if files is not None and files.fingerprint is None:  # taken now: methods such as GPTQ change the weights
+        files = replace(files, fingerprint=model_fingerprint(model))
     return method_for(config).quantize(model, config, calib_data, adapter, files, batch_size=batch_size,
                                        progress=progress, release_originals=release_originals)

@@ -1,0 +1,184 @@
+"""The named formats (NVFP4, MX, INT4 groups) under the rtn and gptq methods: every format calibrates, saves and
+reloads bit-identically, fused layers share their tensor scales, the clip search and GPTQ lower every layer's
+output error below RTN, what cannot run is refused in one line, and on the real SmolLM2 our NVFP4 RTN model is
+the one compressed-tensors' own functions give."""
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import main
+from configs import BlockSettings, QuantConfig, load_config
+from quant_layers import QuantLinear
+from quant_layers.blocks import BlockQuantizer
+from quant_layers.schemes import PRESETS
+from utils import data, evaluation, models
+from utils.calibrate import quantize
+from utils.errors import ParamFileError, UsageError
+from utils.methods import ParamFile
+
+TINY_FORMATS = [name for name in PRESETS if not name.startswith("W4")]  # the tiny model is 64 wide: no 128-groups
+
+
+def config_for(format_name, method="rtn", **settings):
+    base = QuantConfig(name="test_format", method=method, block=BlockSettings(format_name, **settings))
+    return replace(base, search=replace(base.search, n_candidates=12, strategy="coarse"))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def calibrate_and_reload(config, calib_ids, path, model=None):
+    model = model or tiny_llama()
+    quantize(model, config, calib_ids, progress=False, files=ParamFile(path))
+    fresh = tiny_llama()
+    report = quantize(fresh, config, None, progress=False, files=ParamFile(path, "reload"))
+    assert report.loaded
+    return model, fresh
+
+
+@pytest.mark.parametrize("format_name", TINY_FORMATS)
+def test_every_format_calibrates_and_reloads_bit_identically(format_name, calib_ids, tmp_path):
+    config = replace(config_for(format_name), quantize_lm_head=True, quantize_embedding=True)
+    model, fresh = calibrate_and_reload(config, calib_ids, tmp_path / "p.safetensors")
+    out = logits(model, calib_ids)
+    assert torch.isfinite(out).all() and not torch.equal(out, logits(tiny_llama(), calib_ids))
+    assert torch.equal(logits(fresh, calib_ids), out)
+    _, block_size, _, inputs = PRESETS[format_name]
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight_quantizer.spec() == config.scheme("weight")
+    assert (q_proj.act_quantizer is not None) == inputs
+    assert model.lm_head.weight_quantizer is not None and model.model.embed_tokens.weight_quantizer is not None
+    assert q_proj.weight_quantizer.block_size == block_size
+
+
+@pytest.mark.parametrize("method,settings", [("gptq", {}), ("gptq", {"act_order": True}), ("rtn", {"search": True}),
+                                             ("rtn", {"four_over_six": True}),
+                                             ("gptq", {"search": True, "four_over_six": True})])
+def test_calibrated_methods_reload_bit_identically(method, settings, calib_ids, tmp_path):
+    """GPTQ's weights are not recomputable from W and the scales: the file keeps their codes."""
+    config = config_for("NVFP4", method, **settings)
+    model, fresh = calibrate_and_reload(config, calib_ids, tmp_path / "p.safetensors")
+    assert torch.equal(logits(fresh, calib_ids), logits(model, calib_ids))
+    q_proj = fresh.model.layers[1].self_attn.q_proj
+    assert q_proj.weight_on_grid == (method == "gptq")
+    assert torch.equal(q_proj.weight_quantizer(q_proj.quantized_weight), q_proj.quantized_weight)
+
+
+@pytest.mark.parametrize("format_name", ["NVFP4", "MXFP4"])
+def test_search_and_gptq_lower_every_layers_output_error(format_name, calib_ids):
+    for method, settings in (("rtn", {"search": True}), ("gptq", {}), ("gptq", {"search": True})):
+        report = quantize(tiny_llama(), config_for(format_name, method, **settings), calib_ids, progress=False)
+        errors = {path: (entry["output_error"], entry["rtn_output_error"]) for path, entry in report.layers.items()}
+        assert len(errors) == 2 * 7 + 1  # and lm_head
+        for path, (error, rtn) in errors.items():
+            assert error < rtn, (method, settings, path)
+
+
+def test_fused_layers_share_their_tensor_scales(calib_ids):
+    model = tiny_llama()
+    quantize(model, config_for("NVFP4"), calib_ids, progress=False)
+    for block in model.model.layers:
+        attention, mlp = block.self_attn, block.mlp
+        for group in ((attention.q_proj, attention.k_proj, attention.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            weights = {m.weight_quantizer.tensor_scale.item() for m in group}
+            inputs = {m.act_quantizer.tensor_scale.item() for m in group}
+            assert len(weights) == 1 and len(inputs) == 1
+            own = [BlockQuantizer.from_tensor(m.weight, m.weight_quantizer.fmt, 16, "e4m3").tensor_scale for m in group]
+            assert weights.pop() == min(own).item() and len(set(s.item() for s in own)) > 1
+
+
+def test_what_cannot_run_is_refused_in_one_line(calib_ids, tmp_path):
+    with pytest.raises(UsageError, match="W4A16_G128 blocks of 128 do not divide the 64 inputs of model"):
+        quantize(tiny_llama(), config_for("W4A16_G128"), calib_ids, progress=False)
+    with pytest.raises(UsageError, match="four over six"):
+        config_for("MXFP4", four_over_six=True)
+    path = tmp_path / "p.safetensors"
+    quantize(tiny_llama(), config_for("NVFP4"), calib_ids, progress=False, files=ParamFile(path))
+    with pytest.raises(ParamFileError, match="block"):  # another format under the same config name
+        quantize(tiny_llama(), config_for("MXFP4"), None, progress=False, files=ParamFile(path, "reload"))
+
+
+def test_cli_refuses_flags_a_format_config_would_ignore():
+    for flags in (["--qbits", "4", "4", "4", "2", "2", "2"], ["--search_round", "2"], ["--preshift", "folded"],
+                  ["--search_intervals", "0.5", "1.2", "10"]):  # NVFP4_config does not search
+        with pytest.raises(UsageError, match="has no effect"):
+            main.run(main.build_parser().parse_args(["--quant_config", "NVFP4_config", *flags]))
+    for flags in (["--format", "MXFP4"], ["--four_over_six"], ["--act_order"]):  # not for LLM-FP4 configs
+        with pytest.raises(UsageError, match="has no effect"):
+            main.run(main.build_parser().parse_args(["--quant_config", "FPQ_config_llama", *flags]))
+    args = main.build_parser().parse_args(["--quant_config", "NVFP4_GPTQ_config", "--format", "MXFP4",
+                                           "--act_order", "--ignore", "none"])
+    config = main.make_config(args)
+    assert (config.block.format, config.block.act_order, config.quantize_lm_head) == ("MXFP4", True, True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = models.load_model("smollm2-135m-offline", "float32", "cpu", False)
+    calib = data.calibration_samples(tokenizer, "enwiki", 4, 128, 0)
+    return model, calib, data.evaluation_tokens(tokenizer, "enwiki-heldout")
+
+
+def compressed_tensors_nvfp4(model, calib):
+    """SmolLM2 fake-quantized to NVFP4 W4A4 with compressed-tensors' functions alone: weight global scales shared
+    by q/k/v and gate/up (their minimum), static input global scales from the calibration inputs' min and max,
+    dynamic per-token input blocks. Returns the hook handles (remove them to get the FP model back)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import (calculate_qparams, compute_dynamic_scales_and_zp,
+                                                               generate_gparam)
+    scheme = preset_name_to_scheme("NVFP4", ["Linear"])
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in name}
+    ranges = {}
+
+    def observe(name):
+        def hook(_module, args):
+            x = args[0].detach()
+            low, high = ranges.get(name, (x.amin(), x.amax()))
+            ranges[name] = (torch.minimum(low, x.amin()), torch.maximum(high, x.amax()))
+        return hook
+    handles = [m.register_forward_pre_hook(observe(name)) for name, m in linears.items()]
+    with torch.no_grad():
+        model(calib)
+    for handle in handles:
+        handle.remove()
+
+    def fused(name):
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            if name.split(".")[-1] in group:
+                return [name.rsplit(".", 1)[0] + "." + member for member in group]
+        return [name]
+    originals, handles = {}, []
+    for name, module in linears.items():
+        weight = module.weight.data
+        global_scale = min(generate_gparam(linears[n].weight.amin(), linears[n].weight.amax()) for n in fused(name))
+        blocks = weight.reshape(weight.shape[0], -1, 16)
+        scale, zero = calculate_qparams(blocks.amin(-1), blocks.amax(-1), scheme.weights, global_scale=global_scale)
+        originals[name] = weight.clone()
+        module.weight.data = fake_quantize(weight, scale, zero, scheme.weights, global_scale=global_scale)
+        input_scale = generate_gparam(*ranges[name])
+
+        def quantize_input(_module, args, input_scale=input_scale):
+            x = args[0]
+            scale, zero = compute_dynamic_scales_and_zp(x, scheme.input_activations, None, global_scale=input_scale)
+            return (fake_quantize(x, scale, zero, scheme.input_activations, global_scale=input_scale),)
+        handles.append(module.register_forward_pre_hook(quantize_input))
+    return handles, originals
+
+
+def test_nvfp4_rtn_on_smollm2_is_what_compressed_tensors_computes(smollm2):
+    model, calib, tokens = smollm2
+    handles, originals = compressed_tensors_nvfp4(model, calib)
+    reference = evaluation.perplexity(model, tokens, 256, 4, progress=False)
+    for handle in handles:
+        handle.remove()
+    for name, weight in originals.items():
+        model.get_submodule(name).weight.data = weight
+    ours = load_config("NVFP4_config")
+    quantize(model, ours, calib, progress=False)
+    assert all(isinstance(model.get_submodule(name), QuantLinear) for name in originals)
+    assert evaluation.perplexity(model, tokens, 256, 4, progress=False) == pytest.approx(reference, rel=5e-3)
