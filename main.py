@@ -115,6 +115,8 @@ def add_format_flags(p):
     f.add_argument("--format", choices=list(PRESETS), default=None, help="the format, replacing the config's")
     f.add_argument("--four_over_six", action="store_true", default=None,
                    help="NVFP4: each weight block maps its maximum to 6 or to 4, whichever gives the lower error")
+    f.add_argument("--hadamard", action="store_true", default=None,
+                   help="rotate every quantized linear's inputs and weight by a Hadamard matrix of the block size")
     f.add_argument("--mx_rule", choices=list(MX_RULES), default=None,
                    help="E8M0 scale of a block maximum: even (compressed-tensors, default), floor (OCP), ceil")
     f.add_argument("--input_tensor_scale", choices=["static", "dynamic"], default=None,
@@ -210,8 +212,9 @@ def make_config(args):
     if args.ignore:
         changes.update(quantize_lm_head="lm_head" not in args.ignore, quantize_embedding="embedding" not in args.ignore)
     if config.block is not None:
-        given = {name: getattr(args, name) for name in ("format", "four_over_six", "mx_rule", "input_tensor_scale",
-                                                        "act_order", "percdamp") if getattr(args, name) is not None}
+        given = {name: getattr(args, name) for name in ("format", "four_over_six", "hadamard", "mx_rule",
+                                                        "input_tensor_scale", "act_order", "percdamp")
+                 if getattr(args, name) is not None}
         changes["block"] = replace(config.block, **given)
     if config.flat is not None:  # FlatQuant leaves the embedding table alone whatever --qbits says
         changes.update(flat=flat_settings(args, config), e_bits=16)

@@ -68,6 +68,7 @@ class BlockSettings:
     format: str = "NVFP4"
     search: bool = False  # per-row clip factor of the block scales on the --search_intervals grid
     four_over_six: bool = False  # NVFP4: each weight block maps its maximum to 6 or 4, whichever errs less
+    hadamard: bool = False  # rotate every quantized linear's inputs (and its weight) by a block-size Hadamard
     mx_rule: str = "even"  # E8M0 scales: compressed-tensors' rounding ("even"), OCP's "floor", or "ceil"
     input_tensor_scale: str = "static"  # NVFP4 inputs: FP32 tensor scale calibrated ("static") or per input
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (block scales from the original weight)

@@ -11,8 +11,10 @@ from conftest import tiny_llama
 import main
 from configs import BlockSettings, QuantConfig, load_config
 from quant_layers.blocks import BlockQuantizer
+from quant_layers.rotations import BlockHadamard
 from quant_layers.schemes import PRESETS
 from utils import data, evaluation, models
+from utils.block_formats import prepare_formats
 from utils.calibrate import quantize
 from utils.errors import ParamFileError, UsageError
 from utils.methods import ParamFile
@@ -56,7 +58,8 @@ def test_every_format_calibrates_and_reloads_bit_identically(format_name, calib_
 
 @pytest.mark.parametrize("method,settings", [("gptq", {}), ("gptq", {"act_order": True}), ("rtn", {"search": True}),
                                              ("rtn", {"four_over_six": True}),
-                                             ("gptq", {"search": True, "four_over_six": True})])
+                                             ("gptq", {"search": True, "four_over_six": True}),
+                                             ("rtn", {"hadamard": True}), ("gptq", {"hadamard": True})])
 def test_calibrated_methods_reload_bit_identically(method, settings, calib_ids, tmp_path):
     """GPTQ's weights are not recomputable from W and the scales: the file keeps their codes."""
     config = config_for("NVFP4", method, **settings)
@@ -75,6 +78,17 @@ def test_search_and_gptq_lower_every_layers_output_error(format_name, calib_ids)
         assert len(errors) == 2 * 7 + 1  # and lm_head
         for path, (error, rtn) in errors.items():
             assert error < rtn, (method, settings, path)
+
+
+def test_the_hadamard_rotation_leaves_the_full_precision_model_unchanged(calib_ids):
+    model = tiny_llama()
+    prepare_formats(model, config_for("MXFP4", hadamard=True))
+    prepare_formats(model, config_for("MXFP4", hadamard=True))  # idempotent: rotated once
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.input_transform, BlockHadamard) and q_proj.input_transform.size == 32
+    reference = logits(tiny_llama(), calib_ids)
+    assert torch.allclose(logits(model, calib_ids), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    assert not torch.allclose(q_proj.weight, tiny_llama().model.layers[0].self_attn.q_proj.weight)
 
 
 def test_fused_layers_share_their_tensor_scales(calib_ids):

@@ -5,7 +5,8 @@ quantizers are dynamic per token x block; NVFP4's FP32 input tensor scale is cal
 (llm-compressor's default), and the group's weights share one tensor scale (the smallest of theirs), as vLLM
 fuses q/k/v and gate/up into one GEMM with one scale. Weights are rounded to nearest from their block maxima
 (rtn), or after LLM-FP4's output-error search of a per-row clip factor (`search`), or by GPTQ (with the clip
-factors when searched). Workflow only: the numerics live in quant_layers.
+factors when searched). With `hadamard` every quantized linear reads its inputs rotated by a block-size Hadamard
+matrix, its weight rotated to match. Workflow only: the numerics live in quant_layers.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from quant_layers import QuantEmbedding, QuantLinear, make_quantizer
 from quant_layers.block_search import OutputError, group_quantizer, search_clip, weight_quantizer
 from quant_layers.blocks import FOUR_OVER_SIX_E4M3_MAX, E4M3_MAX, nvfp4_tensor_scale
 from quant_layers.gptq import gptq_quantize
+from quant_layers.rotations import BlockHadamard
 
 from .adapters import ModelAdapter
 from .llm_fp4 import prepare_model
@@ -50,6 +52,8 @@ class BlockFormatStep:
 
     def calibrate_group(self, modules: dict[str, QuantLinear], inputs: torch.Tensor) -> dict:
         """Quantize linears that read the same inputs [tokens, in]; returns a report entry per module path."""
+        transform = next(iter(modules.values())).input_transform  # the Hadamard rotation, when asked for
+        inputs = inputs if transform is None else transform(inputs)
         act = make_quantizer(self.input_scheme, inputs) if self.input_scheme is not None else None
         tensor_scale = self.shared_tensor_scale([m.weight for m in modules.values()])
         grams = self.grams(inputs, act) if self.settings.search or self.config.method == "gptq" else None
@@ -121,12 +125,25 @@ class BlockFormatStep:
         module.freeze(on_grid=True)
 
 
+def prepare_formats(model, config: QuantConfig, adapter: ModelAdapter | None = None) -> ModelAdapter:
+    """Wrap the model's linears (prepare_model), refuse blocks that do not divide a layer, and with `hadamard`
+    rotate each quantized linear's inputs and weight (idempotent: an already rotated linear is left alone)."""
+    adapter = prepare_model(model, config, adapter)
+    check_block_sizes(model, config)
+    if config.block.hadamard:
+        size = config.scheme("weight").group_size
+        for module in quant_modules(model).values():
+            if isinstance(module, QuantLinear) and not isinstance(module.input_transform, BlockHadamard):
+                module.input_transform = BlockHadamard(size).to(module.weight.device)
+                module.weight.data = module.input_transform(module.weight.data)
+    return adapter
+
+
 def calibrate_formats(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,
                       batch_size: int = 1, progress: bool = True, release_originals: bool = False,
                       restored_blocks: int = 0, after_block=None) -> CalibrationReport:
     """Calibrate `model` in place for a named-format `config` on token windows `calib_data` [N, T]."""
-    adapter = prepare_model(model, config, adapter)
-    check_block_sizes(model, config)
+    adapter = prepare_formats(model, config, adapter)
     return calibrate_model(model, BlockFormatStep(config), calib_data, adapter, batch_size, progress,
                            release_originals, config.feed_quantized, restored_blocks, after_block)
 

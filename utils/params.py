@@ -114,10 +114,12 @@ def read_metadata(path: str | Path) -> dict:
                              "re-run calibration or pass a valid --ptq_param_path") from None
 
 
-def load_params(path: str | Path, model, config: QuantConfig, check_model: bool = True, partial_ok: bool = False):
+def load_params(path: str | Path, model, config: QuantConfig, check_model: bool = True, partial_ok: bool = False,
+                fingerprint: dict | None = None):
     """Install saved quantizers into a model prepared for `config`; no calibration pass is needed. Every
     quantizer is checked against the model and config first (utils/param_checks.py). The file of an
-    unfinished calibration is refused unless `partial_ok` (then its modules are installed, the rest left)."""
+    unfinished calibration is refused unless `partial_ok` (then its modules are installed, the rest left).
+    `fingerprint`: the model's as loaded, when a method has already changed its weights (a rotation)."""
     path = Path(path)
     if not path.exists():
         raise ParamFileError(f"--ptq_param_path {path} does not exist")
@@ -131,7 +133,7 @@ def load_params(path: str | Path, model, config: QuantConfig, check_model: bool 
     if meta["config"]["name"] != config.name or meta["qbits"] != config.qbits:
         raise ParamFileError(f"{path} was made with {meta['config']['name']} --qbits {meta['qbits']}, not "
                              f"{config.name} --qbits {config.qbits}; pass the same --quant_config and --qbits")
-    if check_model and not same_model(meta["fingerprint"], model_fingerprint(model)):
+    if check_model and not same_model(meta["fingerprint"], fingerprint or model_fingerprint(model)):
         raise ParamFileError(f"{path} was calibrated for another model ({meta['model']}); "
                              "pass the parameter file of this model")
     try:

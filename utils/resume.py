@@ -29,7 +29,7 @@ def _as_json(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def restore_progress(path: Path, model, config, adapter, extra: dict) -> int:
+def restore_progress(path: Path, model, config, adapter, extra: dict, fingerprint: dict | None = None) -> int:
     """Install the blocks an interrupted run of the same settings saved at `path`; returns how many."""
     if not path.exists():
         return 0
@@ -43,7 +43,7 @@ def restore_progress(path: Path, model, config, adapter, extra: dict) -> int:
     if not isinstance(done, int) or not 0 <= done <= blocks or not _modules_of(done, model, config, adapter) <= set(
             meta["modules"]):
         raise ParamFileError(f"{path} claims {done} finished blocks that it does not hold; drop --resume to start over")
-    load_params(path, model, config, partial_ok=True)
+    load_params(path, model, config, partial_ok=True, fingerprint=fingerprint)
     return done
 
 
@@ -84,7 +84,7 @@ def calibrate_resumable(model, config, calib, adapter, path: Path, model_name: s
     `resume`), checkpointing after every block, then write the finished parameters. Returns (report, the path
     written)."""
     check_overwrite(path, fingerprint)  # now, not after the calibration
-    done = restore_progress(path, model, config, adapter, extra) if resume else 0
+    done = restore_progress(path, model, config, adapter, extra, fingerprint) if resume else 0
     checkpoint = BlockCheckpoint(path, model, config, model_name, extra, fingerprint, done)
     try:
         report = calibrate(model, config, calib, adapter, release_originals=release, restored_blocks=done,

@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from ..block_formats import calibrate_formats, check_block_sizes
+from ..block_formats import calibrate_formats, prepare_formats
 from ..errors import ParamFileError, UsageError
-from ..llm_fp4 import prepare_model
 from ..params import load_params, model_folder, read_metadata
 from ..pipeline import CalibrationReport
 from ..pipeline import release_originals as release_all
@@ -37,7 +36,7 @@ class BlockFormats(Method):
         parts = [b.format, config.method, f"rule-{b.mx_rule}", f"inputs-{b.input_tensor_scale}"]
         if b.search:
             parts.append(f"search{s.gamma_low:g}-{s.gamma_high:g}-{s.n_candidates}-{s.grid}-{s.strategy}")
-        parts += ["46"] * b.four_over_six + [f"damp{b.percdamp:g}"] * (config.method == "gptq") + ["actorder"] * b.act_order
+        parts += ["46"] * b.four_over_six + ["hadamard"] * b.hadamard + [f"damp{b.percdamp:g}"] * (config.method == "gptq") + ["actorder"] * b.act_order
         parts += [f"head{int(config.quantize_lm_head)}", f"emb{int(config.quantize_embedding)}", calib_tag]
         return Path(root) / config.name / model_folder(model_name, fingerprint) / ("_".join(parts) + ".safetensors")
 
@@ -45,12 +44,11 @@ class BlockFormats(Method):
                  release_originals):
         if files is None:
             return calibrate_formats(model, config, calib, adapter, batch_size, progress, release_originals)
-        adapter = prepare_model(model, config, adapter)
+        adapter = prepare_formats(model, config, adapter)
         finished = files.path.exists() and not is_unfinished(files.path)
         if files.mode == "reload" or (files.mode == "resume" and finished):
-            check_block_sizes(model, config)
             check_same_settings(files.path, config)
-            load_params(files.path, model, config)
+            load_params(files.path, model, config, fingerprint=files.fingerprint)
             if release_originals:
                 release_all(model)
             return CalibrationReport(param_path=str(files.path), loaded=True)
