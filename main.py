@@ -295,8 +295,10 @@ def run(args) -> dict:
     check_sequence_lengths(args, model.config, calibrating=config is not None and not args.only_eval)
     torch.manual_seed(args.seed)
 
-    result = {"model": name, "quant_config": config.name if config else "FP", "qbits": config.qbits if config else None,
-              "settings": config.to_dict() if config else None}
+    named_format = config is not None and config.block is not None  # --qbits does not apply to a named format
+    result = {"model": name, "quant_config": config.name if config else "FP",
+              "qbits": config.qbits if config and not named_format else None,
+              **({"format": config.block.format} if named_format else {}), "settings": config.to_dict() if config else None}
     reference = figure_reference(args, config, model, tokenizer) if args.plots else None
     if config is not None:
         result.update(quantize_model(args, config, model, tokenizer, name))
@@ -339,6 +341,9 @@ def check_plots(args, config):
     if config is None or args.output_path is None:
         raise UsageError("--plots draws a quantized run's figures into its results folder; pass --output_path and "
                          "drop --fp_only")
+    if config.block is not None:
+        raise UsageError(f"--plots draws the figures of LLM-FP4 and FlatQuant configs, not of the named format "
+                         f"{config.block.format}; drop --plots")
     pyplot()
 
 

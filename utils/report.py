@@ -31,7 +31,7 @@ class ResultsFileError(UserError, ValueError):
 
 def format_table(result: dict) -> str:
     qbits = result.get("qbits")
-    bits = "FP" if not qbits else "W{}A{}E{}".format(*qbits[:3])
+    bits = result.get("format") or ("FP" if not qbits else "W{}A{}E{}".format(*qbits[:3]))
     rows = [("model", result["model"]), ("quant_config", f"{result['quant_config']} ({bits})")]
     calibration = result.get("calibration")
     if calibration:
