@@ -106,14 +106,15 @@ def write_peer_tokens(path: Path, args):
     from transformers import AutoTokenizer
     from utils.data import calibration_samples, evaluation_tokens
     from utils.evaluation import perplexity_windows
+    from utils.files import atomic_write
     tokenizer = AutoTokenizer.from_pretrained(model_folder(args))
     tensors = {"calibration": calibration_samples(tokenizer, args.calib_dataset, args.calib_size, args.calib_seqlen,
                                                   args.seed)}
     for dataset in args.eval_ppl:
         tensors[f"ppl/{dataset}"] = perplexity_windows(evaluation_tokens(tokenizer, dataset), args.ppl_seqlen,
                                                        args.ppl_limit).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"ppl_datasets": json.dumps(args.eval_ppl)})
+    atomic_write(path, lambda temporary: save_file(tensors, str(temporary),
+                                                   metadata={"ppl_datasets": json.dumps(args.eval_ppl)}))
 
 
 def run_missing(args, folder: str, rows: dict, peers: dict):

@@ -61,3 +61,29 @@ def test_the_token_file_holds_main_py_windows(monkeypatch, tmp_path):
         for dataset in ("enwiki-heldout", "abcnews"):
             windows = tokens.get_tensor(f"ppl/{dataset}")
             assert windows.shape == (4, 64) and torch.equal(windows, used["ppl"][dataset])
+
+
+def test_the_blocks_table_pairs_our_rows_with_the_peer_rows(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks import smollm2_table
+    results = {"fp32": (20.0, 30.0, None), "peer_fp32": (20.0, 30.0, None), "nvfp4_rtn": (25.0, 36.0, 10.0),
+               "peer_nvfp4_rtn": (20.0 + 4.0, 30.0 + 8.0, 40.0), "peer_mxfp4_rtn": (28.0, 40.0, 5.0)}
+    for name, (wiki, news, seconds) in results.items():
+        folder = tmp_path / "results" / "blocks_table" / name
+        folder.mkdir(parents=True)
+        calibration = None if seconds is None else {"seconds": seconds, "peak_memory_mb": 1000.0}
+        (folder / "results.json").write_text(json.dumps({"ppl": {"enwiki-heldout": wiki, "abcnews": news},
+                                                         "calibration": calibration}))
+    monkeypatch.setattr(smollm2_table, "ROOT", tmp_path)
+    folder, _, rows = smollm2_table.TABLES["blocks"]
+    table = smollm2_table.blocks_table(SimpleNamespace(table="blocks", peer_venv=".venv-peer"), folder, rows,
+                                       smollm2_table.PEER_ROWS["blocks"])
+    assert [row["method"] for row in table] == ["FP32", "llm-compressor FP32", "NVFP4 RTN", "llm-compressor NVFP4 RTN",
+                                                "llm-compressor MXFP4 RTN"]
+    ours = table[2]
+    assert (ours["gap enwiki-heldout"], ours["gap abcnews"]) == (5.0, 6.0)
+    assert (ours["ours/peer enwiki-heldout"], ours["ours/peer abcnews"]) == (25.0 / 24.0, 36.0 / 38.0)
+    assert (ours["calibration s"], table[3]["calibration s"]) == (10.0, 40.0)
+    assert table[3]["ours/peer abcnews"] is None and table[4]["ours/peer abcnews"] is None
+    assert table[3]["command"].split()[1:3] == ["benchmarks/peer_llmcompressor.py", "--model"]
