@@ -1,6 +1,6 @@
 """The reference code's own parameter files (../shared/reference, written by nbasyl/LLM-FP4 on the offline
-SmolLM2) reproduce the perplexities the reference computed, and each quantized module computes what the
-reference's formulas give (tests/reference_forward.py)."""
+SmolLM2) reproduce the perplexities the reference code computes with them, and each quantized module computes
+what the reference's formulas give (tests/reference_forward.py)."""
 from pathlib import Path
 
 import pytest
@@ -16,13 +16,13 @@ from utils.calibrate import prepare_model, set_quantized
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 QBITS = [4, 4, 4, 2, 2, 2]
-# file -> (config, the perplexity the reference computed on the held-out text)
-FILES = {"MinMax_W4A4E4.pt": ("MinMax_config_llama", 4163405.0),
-         "FPQbase_W4A4E4_r1_n20.pt": ("FPQ_baseline_config_llama", 1147.22),
-         "FPQ_W4A4E4_r1_n20.pt": ("FPQ_config_llama", 159.16)}
+# file -> (config, the perplexity the reference code computes with it on the held-out text, here: see the
+# perplexity test for how it was measured and how it relates to the figures in ../shared/reference/README.md)
+FILES = {"MinMax_W4A4E4.pt": ("MinMax_config_llama", 5045724.87),
+         "FPQbase_W4A4E4_r1_n20.pt": ("FPQ_baseline_config_llama", 1071.384),
+         "FPQ_W4A4E4_r1_n20.pt": ("FPQ_config_llama", 162.6608)}
 REFERENCE_FP32 = 31.64
-# how far the perplexity may land from the reference's: the float-path spread (see the perplexity test)
-PPL_NOISE = {"MinMax_W4A4E4.pt": 0.25, "FPQbase_W4A4E4_r1_n20.pt": 0.10, "FPQ_W4A4E4_r1_n20.pt": 0.03}
+PPL_TOLERANCE = 0.01  # the issue's target
 
 needs_files = pytest.mark.skipif(not (REFERENCE / "FPQ_W4A4E4_r1_n20.pt").exists(),
                                  reason=f"the reference parameter files are not at {REFERENCE}")
@@ -57,25 +57,31 @@ def test_fp32_perplexity_matches_the_reference(smollm2):
 @needs_files
 @pytest.mark.parametrize("file", list(FILES))
 def test_reference_file_reproduces_the_reference_perplexity(smollm2, file):
-    """Each file, loaded as `--only_eval` does, scored on all 29 windows against the reference's figure.
+    """Each file, loaded as `--only_eval` does, scored on all 29 windows against the perplexity the reference
+    code computes with it, within the issue's 1 %.
 
-    The bounds are float noise, not a known modelling gap: every quantized module computes the reference's
-    formulas bit for bit (test below), but a W4A4 forward turns last-bit differences of the float path (attention
-    kernel, machine) into whole rounding steps. FPQ gave 162.66 with sdpa and 163.33 with eager attention
-    (2026-12-02, CPU), and 161.09 in a run of the same code earlier that day (commit 09411ae), where a
-    line-by-line re-statement of the reference's forward under its transformers 4.57.6 gave the same 161.09;
-    on another text that code landed 0.7 % below the reference instead of above. The reference's 159.16 is
-    one more sample of that spread. The noise grows with how broken the model is: here (2026-12-02) the FPQ
-    baseline lands 6.6 % below its reference (-0.07 nats of mean NLL) and MinMax 21 % above (+0.19 nats; its
-    per-window NLL moves up to 0.07 nats with eager instead of sdpa attention, FP32's < 1e-6); the gaps change
-    sign between files, as noise does, but MinMax's exceeds the kernel spread seen on two windows (0.04 nats),
-    so the wider bounds are what was measured, not a proven noise level."""
+    Those figures are the reference's own forward (nbasyl/LLM-FP4: its module wrapping, its only_eval
+    initialisation pass and load_state_dict(strict=False) of the file, its quantized modules' forward), run on
+    this kind of machine (2026-12-02: torch 2.13 CPU, AVX512, transformers 4.57.6, sdpa attention) with the
+    model's rope_theta 100000: FPQ 162.66, FPQ baseline 1071.38, MinMax 5,045,725. Our tool gives the same
+    per-window NLLs (FPQ: its logits on window 0 equal the reference's at every module, to the last bit), so
+    nothing is left between the two forwards, and transformers 5 vs 4.57.6 changes no bit here.
+    The figures in ../shared/reference/README.md (159.16, 1147.22, 4,163,405; FP32 31.64 agrees) are not what
+    that code gives on this machine. A W4A4 forward turns last-bit differences of the float path into whole
+    rounding steps; measured (2026-12-02): eager instead of sdpa attention gives 163.33, 1067.20 and 5,385,054
+    with the reference code (FPQ 163.33 with ours too), AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, MKL and oneDNN
+    capped at AVX2) give FPQ 161.96 with ours; thread count, use_cache, train/eval mode and autograd change no
+    bit. The README's figures lie 2.2 %, 7 % and 17 % from the reference code's here, beyond all these spreads,
+    with no cause found in either code: so this test holds our tool to the reference code's result on one float
+    path, and a machine with another one (another CPU kind, eager attention) may need its own figures.
+    (Transformers 4.57 reads the model folder written by transformers 5 with rope_theta 10000, the default;
+    FP32 then gives 34.77, so the README's runs did not have that fault.)"""
     model, tokens = smollm2
     config = reference_config(file)
     assert config.fp_numerics == "reference"
     params.load_params(REFERENCE / file, model, config)
     ppl = evaluation.perplexity(model, tokens, 512, progress=False)
-    assert ppl == pytest.approx(FILES[file][1], rel=PPL_NOISE[file])
+    assert ppl == pytest.approx(FILES[file][1], rel=PPL_TOLERANCE)
 
 
 @needs_files
