@@ -15,7 +15,7 @@ from .files import save_with_fallback
 from .llm_fp4 import calibrate_blocks
 from .models import get_module
 from .params import check_overwrite, load_params, read_metadata, save_params
-from .pipeline import quant_modules
+from .pipeline import CalibrationReport, quant_modules, release_originals
 
 RESUME_HINT = "rerun the same command with --resume to continue"
 
@@ -94,6 +94,23 @@ def calibrate_resumable(model, config, calib, adapter, path: Path, model_name: s
     written = save_with_fallback(path, lambda target: save_params(target, model, config, model_name, extra,
                                                                   fingerprint), "quantization parameters")
     return report, written
+
+
+def calibrate_or_load(model, config, calib, adapter, files, calibrate, load, release: bool):
+    """A block-wise method's use of its parameter file (a ParamFile): `load()` it when asked to reload, or to
+    resume a finished file; else calibrate with `calibrate` (see calibrate_resumable), continuing an unfinished
+    file in mode "resume". Returns the CalibrationReport, naming the file."""
+    finished = files.path.exists() and not is_unfinished(files.path)
+    if files.mode == "reload" or (files.mode == "resume" and finished):
+        load()
+        if release:
+            release_originals(model)
+        return CalibrationReport(param_path=str(files.path), loaded=True)
+    report, written = calibrate_resumable(model, config, calib, adapter, files.path, files.model_name, files.extra,
+                                          files.fingerprint, resume=files.mode == "resume", release=release,
+                                          calibrate=calibrate)
+    report.param_path = str(written)
+    return report
 
 
 def matrix_blocks_saved(path: Path) -> int:

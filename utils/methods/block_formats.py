@@ -9,9 +9,7 @@ from pathlib import Path
 from ..block_formats import calibrate_formats, prepare_formats
 from ..errors import ParamFileError, UsageError
 from ..params import load_params, model_folder, read_metadata
-from ..pipeline import CalibrationReport
-from ..pipeline import release_originals as release_all
-from ..resume import calibrate_resumable, is_unfinished
+from ..resume import calibrate_or_load
 from .base import Method, ParamFile, register_method
 
 DEFAULT_WINDOWS = 32  # llm-compressor's examples and the LLM-FP4 paper calibrate on a few hundred to 32 windows
@@ -45,18 +43,11 @@ class BlockFormats(Method):
         if files is None:
             return calibrate_formats(model, config, calib, adapter, batch_size, progress, release_originals)
         adapter = prepare_formats(model, config, adapter)
-        finished = files.path.exists() and not is_unfinished(files.path)
-        if files.mode == "reload" or (files.mode == "resume" and finished):
+
+        def load():
             check_same_settings(files.path, config)
             load_params(files.path, model, config, fingerprint=files.fingerprint)
-            if release_originals:
-                release_all(model)
-            return CalibrationReport(param_path=str(files.path), loaded=True)
-        report, written = calibrate_resumable(model, config, calib, adapter, files.path, files.model_name, files.extra,
-                                              files.fingerprint, resume=files.mode == "resume",
-                                              release=release_originals, calibrate=calibrate_formats)
-        report.param_path = str(written)
-        return report
+        return calibrate_or_load(model, config, calib, adapter, files, calibrate_formats, load, release_originals)
 
 
 def check_same_settings(path: Path, config):

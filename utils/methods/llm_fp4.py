@@ -7,8 +7,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..llm_fp4 import calibrate_blocks, prepare_model
 from ..params import default_path, load_params
-from ..pipeline import CalibrationReport, release_originals
-from ..resume import calibrate_resumable, is_unfinished
+from ..resume import calibrate_or_load
 from .base import Method, ParamFile, register_method
 
 DEFAULT_WINDOWS = 32  # the paper's 32 calibration segments
@@ -34,18 +33,5 @@ class LLMFP4(Method):
         if files is None:
             return calibrate_blocks(model, config, calib, adapter, batch_size, progress, release_originals)
         adapter = prepare_model(model, config, adapter)
-        finished = files.path.exists() and not is_unfinished(files.path)
-        if files.mode == "reload" or (files.mode == "resume" and finished):
-            load_params(files.path, model, config)
-            _release(model, release_originals)
-            return CalibrationReport(param_path=str(files.path), loaded=True)
-        report, written = calibrate_resumable(model, config, calib, adapter, files.path, files.model_name, files.extra,
-                                              files.fingerprint, resume=files.mode == "resume",
-                                              release=release_originals)
-        report.param_path = str(written)
-        return report
-
-
-def _release(model, release: bool):
-    if release:
-        release_originals(model)
+        return calibrate_or_load(model, config, calib, adapter, files, calibrate_blocks,
+                                 lambda: load_params(files.path, model, config), release_originals)
