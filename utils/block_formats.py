@@ -10,6 +10,8 @@ matrix, its weight rotated to match. Workflow only: the numerics live in quant_l
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -59,7 +61,7 @@ class BlockFormatStep:
         grams = self.grams(inputs, act) if self.settings.search or self.config.method == "gptq" else None
         report = {}
         for path, module in modules.items():
-            module.act_quantizer = None if act is None else make_quantizer(self.input_scheme, inputs)
+            module.act_quantizer = None if act is None else copy.deepcopy(act)  # each module saves its own
             report[path] = self.quantize_weight(module, tensor_scale, grams)
         return report
 
