@@ -10,7 +10,10 @@ Run by the python of the separate environment that holds llm-compressor (never t
 --scheme: FP32 (no quantization) or a compressed-tensors preset (NVFP4, NVFP4A16, MXFP4, MXFP4A16, ...), applied to
 every Linear but lm_head, as llm-compressor does by default. --method: rtn (QuantizationModifier) or gptq
 (GPTQModifier). The model stays fake-quantized in memory after oneshot (compressed-tensors wraps each forward),
-so the perplexity is the quantized model's; --save_dir then writes the compressed checkpoint.
+so the perplexity is the quantized model's; --save_dir then writes the compressed checkpoint. --skip_ppl leaves the
+perplexity to the reader of that checkpoint (the table driver evaluates it with main.py, whose fake quantization
+computes compressed-tensors' numbers): on a CPU compressed-tensors re-quantizes every weight at each forward, which
+takes minutes per window.
 
 Output: {"ppl": {dataset: value}, "calibration": {"seconds", "peak_memory_mb"}, settings, versions}.
 Perplexity is the toolkit's (utils/evaluation.py): each window scored alone, exp(mean NLL of all scored tokens).
@@ -133,7 +136,10 @@ def main():
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
     p.add_argument("--output", required=True, type=Path, help="results JSON")
     p.add_argument("--save_dir", type=Path, default=None, help="write the compressed checkpoint here")
+    p.add_argument("--skip_ppl", action="store_true", help="save the checkpoint without scoring it here")
     args = p.parse_args()
+    if args.skip_ppl and (args.save_dir is None or args.scheme == "FP32"):
+        p.error("--skip_ppl needs a quantized --scheme and --save_dir: the checkpoint is what gets scored")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     calibration, evaluation = read_windows(args.tokens)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -147,8 +153,10 @@ def main():
                       modifier_settings=json.loads(modifier.model_dump_json(exclude={"config_groups"})),
                       calibration=calibrate(model, tokenizer, calibration if needs_data(args.scheme, args.method)
                                             else None, modifier))
-        result["input_quantization_check"] = input_quantization_effect(model, next(iter(evaluation.values()))[0])
-    result["ppl"] = {name: perplexity(model, windows) for name, windows in evaluation.items()}
+    if not args.skip_ppl:
+        if args.scheme != "FP32":
+            result["input_quantization_check"] = input_quantization_effect(model, next(iter(evaluation.values()))[0])
+        result["ppl"] = {name: perplexity(model, windows) for name, windows in evaluation.items()}
     if args.save_dir is not None and args.scheme != "FP32":
         model.save_pretrained(args.save_dir, save_compressed=True)
         tokenizer.save_pretrained(args.save_dir)

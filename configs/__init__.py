@@ -87,6 +87,12 @@ class BlockSettings:
         if not 0 <= self.percdamp:
             raise UsageError(f"--percdamp must be >= 0, got {self.percdamp}")
 
+    def searches_inputs(self) -> bool:
+        """The search includes the activation side: NVFP4's static input tensor scale (the only static parameter
+        of block-scaled inputs; the MX formats' and dynamic tensor scales have none)."""
+        inputs = self.schemes()[1]
+        return self.search and inputs is not None and inputs.tensor_scale == "static"
+
     def schemes(self) -> tuple[Scheme, Scheme | None]:
         """(weight scheme, input scheme or None) of the format with these settings' scale rules."""
         weight, inputs = preset(self.format)
@@ -96,6 +102,11 @@ class BlockSettings:
         elif weight.scale == "e4m3" and inputs is not None:
             inputs = replace(inputs, tensor_scale=self.input_tensor_scale)
         return weight, inputs
+
+
+# The named formats' search: one round (NVFP4's input tensor scale searched on 512 tokens for the RTN weights, then
+# the weights' clip factors for those inputs); --search_round alternates more. MX inputs have no static scale.
+FORMAT_SEARCH = SearchSettings(rounds=1, act_search_tokens=512)
 
 
 @dataclass(frozen=True)

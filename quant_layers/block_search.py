@@ -13,9 +13,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .blocks import BlockQuantizer
+from .blocks import BlockQuantizer, nvfp4_tensor_scale
 from .schemes import BLOCK_SCALES, Scheme, make_quantizer
-from .search import SearchSettings, budget_elements, grid_argmin
+from .search import SearchSettings, budget_elements, grid_argmin, token_sample
 
 
 def weight_quantizer(scheme: Scheme, w: torch.Tensor, *, tensor_scale: torch.Tensor | None = None,
@@ -79,3 +79,28 @@ def search_clip(weight: torch.Tensor, error: OutputError, build, settings: Searc
 
     index, _ = grid_argmin(loss, gammas, w.shape[0], settings.strategy, w.shape[1], budget_elements(settings, w.device))
     return gammas[index][:, None]
+
+
+def search_input_tensor_scale(act: BlockQuantizer, inputs: torch.Tensor, weight: torch.Tensor,
+                              quantized_weight: torch.Tensor, settings: SearchSettings) -> BlockQuantizer:
+    """The activation side of the search for NVFP4 inputs, whose only static parameter is the FP32 tensor scale:
+    gamma times the inputs' maximum sets it, gamma on the settings' grid minimising the output error
+    ||X W' - Xq(gamma) Q'||^2 over `act_search_tokens` of the inputs, summed over every layer that reads them
+    (W, Q: their full-precision and quantized weights stacked by rows). A smaller gamma clips the largest blocks
+    at E4M3's maximum and gives the others finer block scales. Returns a dynamic quantizer like `act` with the
+    chosen tensor scale; gamma = 1 is the calibrated maximum's (RTN's), computed in the inputs' dtype as RTN does."""
+    amax = inputs.detach().abs().amax()
+    x = token_sample(inputs, settings.act_search_tokens, settings.seed).float()
+    target, quantized_weight = x @ weight.float().T, quantized_weight.float()
+    gammas = settings.gammas().to(x.device)
+
+    def with_scale(gamma):
+        return BlockQuantizer(act.fmt, act.block_size, act.encoding, dynamic=True,
+                              tensor_scale=nvfp4_tensor_scale((amax.float() * gamma).to(amax.dtype), fmt=act.fmt))
+
+    def loss(candidates, _rows):  # candidates [C, 1]: the whole tensor is one "row"
+        return torch.stack([(with_scale(g)(x) @ quantized_weight.T - target).square().sum()
+                            for g in candidates[:, 0]])[:, None]
+
+    index, _ = grid_argmin(loss, gammas, 1, settings.strategy, x.numel(), budget_elements(settings, x.device))
+    return with_scale(gammas[index[0]])

@@ -117,6 +117,15 @@ def grid_argmin(loss_fn, gammas: torch.Tensor, rows: int, strategy: str, element
     return torch.cat(best_index), torch.cat(best_loss)
 
 
+def token_sample(inputs: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """`count` rows of inputs [tokens, in] drawn without replacement by `seed`, in their order (all if None)."""
+    tokens = inputs.shape[0]
+    if count is None or count >= tokens:
+        return inputs
+    pick = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return inputs[pick.to(inputs.device)]
+
+
 def _strides(n: int) -> list[int]:
     """Strides of the coarse strategy, coarsest first, each about the square root of the one before:
     n = 101 gives [10, 3, 2, 1]."""
@@ -173,7 +182,7 @@ class LinearSearch:
         self.direct = inputs.shape[0] < self.weight.shape[1]
         self.outputs = self._keep_outputs()
         self.output_energy = self._output_energy()
-        self.sample = self._token_sample(settings.act_search_tokens)
+        self.sample = token_sample(inputs, settings.act_search_tokens, settings.seed).to(self.device, torch.float32)
         self._sample_out = None  # X W' on the sample, for the direct form of the activation search
         self.gammas = settings.gammas().to(self.device)
         self._terms_cache: dict = {}
@@ -181,14 +190,6 @@ class LinearSearch:
         self._last_index: dict = {}
 
     # ----- activations -----
-    def _token_sample(self, count):
-        tokens = self.inputs.shape[0]
-        if count is None or count >= tokens:
-            return self.inputs.to(self.device, torch.float32)
-        generator = torch.Generator().manual_seed(self.settings.seed)
-        pick = torch.randperm(tokens, generator=generator)[:count].sort().values
-        return self.inputs[pick.to(self.inputs.device)].to(self.device, torch.float32)
-
     def act_bias(self, fmt: FPFormat, gamma: torch.Tensor):
         """Biases for multipliers gamma [C]: (bias [C, 1, in] or [C, 1, 1], shift k [C, in] or None)."""
         gamma = gamma.reshape(-1, 1)

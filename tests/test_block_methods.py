@@ -10,9 +10,10 @@ from conftest import tiny_llama
 
 import main
 from configs import BlockSettings, QuantConfig, load_config
-from quant_layers.blocks import BlockQuantizer
+from quant_layers.block_search import search_input_tensor_scale
+from quant_layers.blocks import BlockQuantizer, nvfp4_tensor_scale
 from quant_layers.rotations import BlockHadamard
-from quant_layers.schemes import PRESETS
+from quant_layers.schemes import PRESETS, make_quantizer
 from utils import data, evaluation, models
 from utils.block_formats import prepare_formats
 from utils.calibrate import quantize
@@ -115,6 +116,32 @@ def test_what_cannot_run_is_refused_in_one_line(calib_ids, tmp_path):
         quantize(tiny_llama(), config_for("MXFP4"), None, progress=False, files=ParamFile(path, "reload"))
 
 
+def test_the_input_tensor_scale_search_beats_rtn_where_an_outlier_dwarfs_the_other_blocks():
+    """gamma = 1 is RTN's input quantizer bit for bit; with one block 10^4 above the rest, RTN's tensor scale
+    leaves the other blocks' E4M3 scales subnormal, and the search finds a clipped tensor scale that errs less."""
+    torch.manual_seed(0)
+    x, w = torch.randn(256, 64), torch.randn(48, 64)
+    x[3, :16] *= 1e4
+    _, input_scheme = BlockSettings("NVFP4").schemes()
+    rtn = make_quantizer(input_scheme, x)
+    q = BlockQuantizer.from_tensor(w, input_scheme.element, 16, "e4m3")(w)
+
+    def error(act):
+        return (act(x) @ q.T - x @ w.T).square().sum()
+
+    settings = replace(QuantConfig(name="t", method="rtn").search, n_candidates=20, act_search_tokens=None)
+    only = replace(settings, gamma_high=2.0, n_candidates=1, grid="reference")  # the grid {gamma_low}
+    assert torch.equal(search_input_tensor_scale(rtn, x, w, q, replace(only, gamma_low=1.0)).tensor_scale,
+                       rtn.tensor_scale)
+    clipped = search_input_tensor_scale(rtn, x, w, q, replace(only, gamma_low=0.5)).tensor_scale
+    assert torch.equal(clipped, nvfp4_tensor_scale(x.abs().amax() * 0.5))
+    searched = search_input_tensor_scale(rtn, x, w, q, settings)
+    assert searched.tensor_scale > rtn.tensor_scale and error(searched) < 0.9 * error(rtn)
+    x[3, :16] /= 1e4  # no outlier: the search may keep RTN's scale but never errs more than it
+    plain = make_quantizer(input_scheme, x)
+    assert error(search_input_tensor_scale(plain, x, w, q, settings)) <= error(plain)
+
+
 def test_cli_refuses_flags_a_format_config_would_ignore():
     for flags in (["--qbits", "4", "4", "4", "2", "2", "2"], ["--search_round", "2"], ["--preshift", "folded"],
                   ["--search_intervals", "0.5", "1.2", "10"]):  # NVFP4_config does not search
@@ -123,6 +150,12 @@ def test_cli_refuses_flags_a_format_config_would_ignore():
     for flags in (["--format", "MXFP4"], ["--four_over_six"], ["--act_order"]):  # not for LLM-FP4 configs
         with pytest.raises(UsageError, match="has no effect"):
             main.run(main.build_parser().parse_args(["--quant_config", "FPQ_config_llama", *flags]))
+    rounds = ["--search_round", "2", "--act_search_tokens", "64"]  # read where NVFP4's input tensor scale is searched
+    assert main.make_config(main.build_parser().parse_args(["--quant_config", "NVFP4_search_config", *rounds])).search.rounds == 2
+    for flags in (["--quant_config", "MXFP4_search_config"], ["--quant_config", "NVFP4_search_config", "--format", "MXFP4"],
+                  ["--quant_config", "NVFP4_search_config", "--input_tensor_scale", "dynamic"]):
+        with pytest.raises(UsageError, match="has no effect"):
+            main.run(main.build_parser().parse_args([*flags, *rounds]))
     args = main.build_parser().parse_args(["--quant_config", "NVFP4_GPTQ_config", "--format", "MXFP4",
                                            "--act_order", "--ignore", "none"])
     config = main.make_config(args)

@@ -17,7 +17,8 @@ from torch import nn
 
 from configs import QuantConfig
 from quant_layers import QuantEmbedding, QuantLinear, make_quantizer
-from quant_layers.block_search import OutputError, group_quantizer, search_clip, weight_quantizer
+from quant_layers.block_search import (OutputError, group_quantizer, search_clip, search_input_tensor_scale,
+                                       weight_quantizer)
 from quant_layers.blocks import FOUR_OVER_SIX_E4M3_MAX, E4M3_MAX, nvfp4_tensor_scale
 from quant_layers.gptq import gptq_quantize
 from quant_layers.rotations import BlockHadamard
@@ -58,6 +59,8 @@ class BlockFormatStep:
         inputs = inputs if transform is None else transform(inputs)
         act = make_quantizer(self.input_scheme, inputs) if self.input_scheme is not None else None
         tensor_scale = self.shared_tensor_scale([m.weight for m in modules.values()])
+        if self.settings.searches_inputs():
+            act = self.search_inputs(modules, inputs, act, tensor_scale)
         grams = self.grams(inputs, act) if self.settings.search or self.config.method == "gptq" else None
         report = {}
         for path, module in modules.items():
@@ -86,19 +89,44 @@ class BlockFormatStep:
         grams["tokens"] = inputs.shape[0]
         return grams
 
-    def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None) -> dict:
-        w = module.weight.detach().float()
+    def search_inputs(self, modules: dict[str, QuantLinear], inputs: torch.Tensor, act: nn.Module,
+                      tensor_scale) -> nn.Module:
+        """LLM-FP4's alternation for NVFP4 inputs, `rounds` times: the input tensor scale searched for the weights
+        as they stand (RTN's at first, then those whose clip was searched for the previous round's inputs)."""
+        weights = [module.weight.detach().float() for module in modules.values()]
+        options = [{"tensor_scale": tensor_scale, "four_over_six": self.settings.four_over_six}] * len(weights)
+        for round_index in range(self.config.search.rounds):
+            if round_index:
+                grams = self.grams(inputs, act)
+                options = [self.weight_options(w, tensor_scale, self.output_error(w, grams)) for w in weights]
+            quantized = [weight_quantizer(self.weight_scheme, w, **o)(w) for w, o in zip(weights, options)]
+            act = search_input_tensor_scale(act, inputs, torch.cat(weights), torch.cat(quantized), self.config.search)
+        return act
+
+    @staticmethod
+    def output_error(w: torch.Tensor, grams: dict | None) -> OutputError | None:
+        return None if grams is None else OutputError(w, grams["qq"], grams["qx"], grams["xx"])
+
+    def weight_options(self, w: torch.Tensor, tensor_scale, error: OutputError | None) -> dict:
+        """weight_quantizer's options for w: the group's tensor scale, four over six weighted by the inputs, and
+        the searched clip factors."""
         options = {"tensor_scale": tensor_scale, "four_over_six": self.settings.four_over_six}
-        error = None if grams is None else OutputError(w, grams["qq"], grams["qx"], grams["xx"])
         if error is not None and self.settings.four_over_six:
             options["importance"] = error.importance()
-        entry = {"w_format": self.weight_scheme.name,
-                 "a_format": self.input_scheme.name if self.input_scheme else None}
-        if error is not None:
-            entry["rtn_output_error"] = error(weight_quantizer(self.weight_scheme, w, **options)(w)).sum().item()
         if self.settings.search:
             options["clip"] = search_clip(w, error, lambda rows, clip: weight_quantizer(
                 self.weight_scheme, rows, **{**options, "clip": clip}), self.config.search)
+        return options
+
+    def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None) -> dict:
+        w = module.weight.detach().float()
+        error = self.output_error(w, grams)
+        options = self.weight_options(w, tensor_scale, error)
+        entry = {"w_format": self.weight_scheme.name,
+                 "a_format": self.input_scheme.name if self.input_scheme else None}
+        if error is not None:
+            rtn = weight_quantizer(self.weight_scheme, w, **{k: v for k, v in options.items() if k != "clip"})
+            entry["rtn_output_error"] = error(rtn(w)).sum().item()
         if self.config.method == "gptq":
             self.gptq(module, w, grams, options)
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from configs import FlatSettings, load_config
@@ -61,8 +61,10 @@ FLAGS_OF_METHODS = {
     "qbits": ("minmax", "fpq_baseline", "fpq", "flatquant"),
     "ignore": ("minmax", "fpq_baseline", "fpq", "rtn", "gptq"),
 }
-# what the named formats' search reads: its grid and strategy (it is one pass, not rounds)
+# what the named formats' search reads: its grid and strategy; rounds and a token sample only where it searches
+# the inputs' side too (NVFP4's static input tensor scale)
 FORMAT_SEARCH_FLAGS = ("search_intervals", "search_grid", "search_strategy")
+INPUT_SEARCH_FLAGS = ("search_round", "act_search_tokens")
 
 
 def given(args, name) -> bool:
@@ -139,9 +141,17 @@ def check_method_flags(args):
         check_flat_contradictions(args)
 
 
+def format_settings(args):
+    """The named format's settings as the config and the flags that choose its inputs' scales make them."""
+    chosen = {name: getattr(args, name) for name in ("format", "input_tensor_scale") if given(args, name)}
+    return replace(load_config(args.quant_config).block, **chosen)
+
+
 def ignored_by(args, name: str, method: str | None) -> bool:
     if method in ("rtn", "gptq") and name in SEARCH_FLAGS:  # read only by the named formats' clip search
-        return name not in FORMAT_SEARCH_FLAGS or not load_config(args.quant_config).block.search
+        block = format_settings(args)
+        return not block.searches_inputs() if name in INPUT_SEARCH_FLAGS else (
+            name not in FORMAT_SEARCH_FLAGS or not block.search)
     if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights
         default = load_config(args.quant_config).flat.weight_quantizer
         return (args.weight_quantizer or ("gptq" if args.gptq else default)) != "fpq_search"

@@ -34,6 +34,8 @@ class BlockFormats(Method):
         parts = [b.format, config.method, f"rule-{b.mx_rule}", f"inputs-{b.input_tensor_scale}"]
         if b.search:
             parts.append(f"search{s.gamma_low:g}-{s.gamma_high:g}-{s.n_candidates}-{s.grid}-{s.strategy}")
+        if b.searches_inputs():
+            parts.append(f"rounds{s.rounds}-tokens{s.act_search_tokens or 'all'}-seed{s.seed}")
         parts += ["46"] * b.four_over_six + ["hadamard"] * b.hadamard + [f"damp{b.percdamp:g}"] * (config.method == "gptq") + ["actorder"] * b.act_order
         parts += [f"head{int(config.quantize_lm_head)}", f"emb{int(config.quantize_embedding)}", calib_tag]
         return Path(root) / config.name / model_folder(model_name, fingerprint) / ("_".join(parts) + ".safetensors")
