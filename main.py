@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib_seqlen", type=int, default=2048,
                    help="tokens per segment (the paper's 2048; the reference code used 1024)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
-    q.add_argument("--search_round", type=int, default=None, help="search rounds (default 3)")
+    q.add_argument("--search_round", type=int, default=None, help="search rounds (default 3; the named formats' search configs: 1)")
     q.add_argument("--search_intervals", nargs=3, type=float, default=None, metavar=("G1", "G2", "N"),
                    help="bias multipliers gamma1 gamma2 and the number of steps n (default 0.01 1.2 100)")
     q.add_argument("--search_grid", choices=["paper", "reference"], default=None,
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP clip (2 - 2^-M) 2^(2^E-1-b) (paper) or the reference code's 2 * 2^(2^E-1-b) and its step "
                         "rounding (default: paper; reference when a reference .pt file is loaded)")
     q.add_argument("--act_search_tokens", type=int, default=None,
-                   help="tokens used for the activation-bias search loss (default: all)")
+                   help="tokens used for the activation-bias search loss (default: all; the named formats' search "
+                        "configs: 512, for NVFP4's input tensor scale)")
     q.add_argument("--feed_quantized", action="store_true",
                    help="calibrate each block on the previous quantized block's output")
     q.add_argument("--only_eval", action="store_true", help="skip calibration; load --ptq_param_path")
