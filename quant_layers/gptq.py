@@ -148,7 +148,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, make_quantizer: Q
             q[:, j:j + 1] = quantizers[group_of_position[j]](w[:, j:j + 1])
             error = (w[:, j:j + 1] - q[:, j:j + 1]) / hinv[j, j]
             loss += error.double().square().sum() / 2
-            w[:, j + 1:end] -= error @ hinv[j:j + 1, j + 1:end]
+            w[:, j + 1:end] -= error * hinv[j, j + 1:end]  # an outer product, elementwise: no BLAS call per column
             errors[:, j - start] = error[:, 0]
         # the columns after the block receive its errors in one matmul (GPTQ's lazy batch update)
         w[:, end:] -= errors @ hinv[start:end, end:]
