@@ -13,11 +13,13 @@ from pathlib import Path
 
 from configs import FlatSettings, load_config
 
+from .compressed_tensors_io import quantization_config_of
 from .data import check_source
 from .errors import UsageError
 from .models import parse_model_args
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEFAULT_QUANT_CONFIG = "FPQ_config_llama"
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 
@@ -78,7 +80,30 @@ def check_arguments(args):
     check_model_args(args.model_args)
     for source in [args.calib_dataset, *args.eval_ppl]:
         check_source(source)
+    check_quantized_checkpoint(args)
     check_method_flags(args)
+
+
+def quant_config_name(args) -> str:
+    return args.quant_config or DEFAULT_QUANT_CONFIG
+
+
+def quantized_checkpoint(args) -> dict | None:
+    """The compressed-tensors quantization_config of --model_args pretrained=FOLDER, or None."""
+    return quantization_config_of(parse_model_args(args.model_args)["pretrained"])
+
+
+def check_quantized_checkpoint(args):
+    """A compressed-tensors folder is already quantized: it is evaluated as it is, never quantized again."""
+    if quantized_checkpoint(args) is None:
+        if args.save_compressed and args.fp_only:
+            raise UsageError("--save_compressed writes a quantized model; drop --fp_only")
+        return
+    folder = parse_model_args(args.model_args)["pretrained"]
+    for flag in ("quant_config", "fp_only", "save_compressed"):
+        if given(args, flag):
+            raise UsageError(f"--{flag}: {folder} is already quantized (a compressed-tensors checkpoint); drop "
+                             f"--{flag} to evaluate it as it is")
 
 
 def check_ranges(args):
@@ -129,9 +154,11 @@ def check_method_flags(args):
     """Refuse flags that contradict each other or that the chosen method (or --fp_only) would ignore."""
     if args.fp_only:
         method, chosen = None, "--fp_only (no quantization)"
+    elif quantized_checkpoint(args) is not None:
+        method, chosen = None, "a compressed-tensors checkpoint (already quantized)"
     else:
-        config = load_config(args.quant_config)
-        method, chosen = config.method, f"--quant_config {args.quant_config}"
+        config = load_config(quant_config_name(args))
+        method, chosen = config.method, f"--quant_config {quant_config_name(args)}"
     for name in FLAGS_OF_METHODS:
         if given(args, name) and ignored_by(args, name, method):
             raise UsageError(f"--{name} has no effect with {chosen}; drop one of the two")
@@ -141,9 +168,9 @@ def check_method_flags(args):
 
 def ignored_by(args, name: str, method: str | None) -> bool:
     if method in ("rtn", "gptq") and name in SEARCH_FLAGS:  # read only by the named formats' clip search
-        return name not in FORMAT_SEARCH_FLAGS or not load_config(args.quant_config).block.search
+        return name not in FORMAT_SEARCH_FLAGS or not load_config(quant_config_name(args)).block.search
     if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights
-        default = load_config(args.quant_config).flat.weight_quantizer
+        default = load_config(quant_config_name(args)).flat.weight_quantizer
         return (args.weight_quantizer or ("gptq" if args.gptq else default)) != "fpq_search"
     return method not in FLAGS_OF_METHODS[name]
 

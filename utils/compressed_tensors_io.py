@@ -28,7 +28,6 @@ from quant_layers.formats import FPFormat
 from quant_layers.quantizers import IntQuantizer
 
 from .errors import UsageError
-from .models import set_module
 
 E2M1 = FPFormat(2, 1)
 # our named format -> (compressed-tensors' preset scheme, its compression format)
@@ -199,7 +198,7 @@ def load_compressed(folder, dtype: torch.dtype | str = "auto", device: str = "cp
                          f"unexpected {unexpected[:3]})")
     model.tie_weights()
     for path, module in wrapped.items():
-        set_module(model, path, module)
+        model.set_submodule(path, module)
     return model.to(device).eval().requires_grad_(False)
 
 

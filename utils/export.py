@@ -79,6 +79,12 @@ def check_export_folder(folder, identity: dict):
         raise UsageError(f"--save_compressed {folder} holds {what}; choose another folder")
 
 
+def check_export_target(folder, model_name: str, config: QuantConfig):
+    """--save_compressed, before the model loads: the config exports and the folder may take it."""
+    check_exportable(config)
+    check_export_folder(folder, export_identity(model_name, config, config.block.format))
+
+
 # ----- the model's quantized modules -----
 def module_format(path: str, module: QuantLinear) -> str:
     """The named format of a quantized linear, when the engines compute exactly what it does."""
@@ -183,12 +189,15 @@ def quantization_config(format_name: str, ignore: list[str]) -> dict:
             "sparsity_config": {}, "transform_config": {}, **config.model_dump(exclude=["quant_method"], mode="json")}
 
 
-def export(model, folder, tokenizer=None, config: QuantConfig | None = None,
+def export(model, folder, tokenizer=None, config: QuantConfig | None = None, *, model_name: str | None = None,
            max_shard_size: str = MAX_SHARD_SIZE) -> Path:
     """Write the quantized `model` (NVFP4, MXFP4, NVFP4A16, MXFP4A16 or INT4 groups) as a compressed-tensors
-    HF folder: config.json with its quantization_config, safetensors shards, generation config, tokenizer."""
+    HF folder: config.json with its quantization_config, safetensors shards, generation config, tokenizer.
+    `config` and `model_name` (default: the model's name_or_path) name what the folder holds."""
+    if config is not None:
+        check_exportable(config)
     quantized, format_name = quantized_linears(model)
-    identity = export_identity(getattr(model, "name_or_path", ""), config, format_name)
+    identity = export_identity(model_name or getattr(model, "name_or_path", ""), config, format_name)
     check_export_folder(folder, identity)
     tensors = checkpoint_tensors(model, quantized)
     ignore = [path for path in linear_paths(model) if path not in quantized]

@@ -126,6 +126,12 @@ def save_with_fallback(path: Path, save: Callable[[Path], object], what: str) ->
         return fallback
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_folder(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(temporary_folder)` to fill a folder next to `path`, then move it to `path`. On failure nothing
     is left behind and `path` keeps its previous content. An existing `path` is moved aside first and removed
@@ -134,6 +140,7 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], object]) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp's folder is private; the result is an ordinary one
     previous = None
     try:
         write(temporary)
