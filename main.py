@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = p.add_argument_group("quantization")
     q.add_argument("--quant_config", default=None,
-                   help="a config name in configs/ (default FPQ_config_llama; not with a compressed-tensors checkpoint, "
-                        "which is already quantized)")
+                   help="a config name in configs/ (default FPQ_config_llama; not with a compressed-tensors "
+                        "checkpoint, which is already quantized)")
     q.add_argument("--qbits", nargs=6, type=int, default=None, metavar="N",
                    help="W A E bits, then W A E exponent bits (paper E/W/A 4/4/8 is --qbits 4 8 4 ...); "
                         "16 bits leaves that operand unquantized (default: 4 4 4 2 2 2; not for named formats)")
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter file to write (calibration) or read (--only_eval); .safetensors or reference .pt")
     q.add_argument("--fp_only", action="store_true", help="evaluate the full-precision model, no quantization")
     q.add_argument("--save_compressed", default=None, metavar="DIR",
-                   help="also write the quantized model as a compressed-tensors checkpoint (transformers, vLLM) to DIR: "
-                        "NVFP4, MXFP4, NVFP4A16, MXFP4A16 and W4A16_G128 configs; DIR may be given back as "
+                   help="also write the quantized model as a compressed-tensors checkpoint (transformers, vLLM) to "
+                        "DIR: NVFP4, MXFP4, NVFP4A16, MXFP4A16 and W4A16_G128 configs; DIR may be given back as "
                         "--model_args pretrained=DIR")
     q.add_argument("--ignore", nargs="+", choices=["lm_head", "embedding", "none"], default=None,
                    help="modules left in full precision, replacing the config's choice (named formats: lm_head and "
@@ -271,7 +271,8 @@ def output_folder(args, model_name):
 
 
 def run(args) -> dict:
-    from utils.cli_checks import check_arguments, check_param_file_settings, check_sequence_lengths, quantized_checkpoint
+    from utils.cli_checks import (check_arguments, check_param_file_settings, check_sequence_lengths,
+                                  quantized_checkpoint)
     check_arguments(args)  # before anything is loaded: a bad flag costs nothing
     from utils.hub import hub_offline
     offline = hub_offline()  # before the hub libraries are imported: offline, hub names fail at once
@@ -307,7 +308,8 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
 
     named_format = config is not None and config.block is not None  # --qbits does not apply to a named format
-    result = {"model": name, "quant_config": config.name if config else "compressed-tensors" if checkpoint else "FP",
+    label = config.name if config else "compressed-tensors" if checkpoint else "FP"
+    result = {"model": name, "quant_config": label,
               **({"format": checkpoint.get("format")} if checkpoint else {}),
               "qbits": config.qbits if config and not named_format else None,
               **({"format": config.block.format} if named_format else {}), "settings": config.to_dict() if config else None}

@@ -16,7 +16,6 @@ from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 from tiny_folder import byte_tokenizer, save_tiny_model
 
-import main
 from configs import BlockSettings, QuantConfig, load_config
 from utils import data, evaluation
 from utils.calibrate import quantize
