@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write figures (PNG, with their data as JSON) next to results.json; needs matplotlib")
 
     q = p.add_argument_group("quantization")
-    q.add_argument("--quant_config", default="FPQ_config_llama", help="a config name in configs/")
+    q.add_argument("--quant_config", default=None,
+                   help="a config name in configs/ (default FPQ_config_llama; not with a compressed-tensors "
+                        "checkpoint, which is already quantized)")
     q.add_argument("--qbits", nargs=6, type=int, default=None, metavar="N",
                    help="W A E bits, then W A E exponent bits (paper E/W/A 4/4/8 is --qbits 4 8 4 ...); "
                         "16 bits leaves that operand unquantized (default: 4 4 4 2 2 2; not for named formats)")
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ptq_param_path", default=None,
                    help="parameter file to write (calibration) or read (--only_eval); .safetensors or reference .pt")
     q.add_argument("--fp_only", action="store_true", help="evaluate the full-precision model, no quantization")
+    q.add_argument("--save_compressed", default=None, metavar="DIR",
+                   help="also write the quantized model as a compressed-tensors checkpoint (transformers, vLLM) to "
+                        "DIR: NVFP4, MXFP4, NVFP4A16, MXFP4A16 and W4A16_G128 configs; DIR may be given back as "
+                        "--model_args pretrained=DIR")
     q.add_argument("--ignore", nargs="+", choices=["lm_head", "embedding", "none"], default=None,
                    help="modules left in full precision, replacing the config's choice (named formats: lm_head and "
                         "embedding, as llm-compressor; LLM-FP4: none); 'none' quantizes both")
@@ -198,7 +204,8 @@ def flat_settings(args, config):
 def make_config(args):
     from configs import load_config
     from quant_layers.search import replace_settings
-    config = load_config(args.quant_config)
+    from utils.cli_checks import quant_config_name
+    config = load_config(quant_config_name(args))
     config = config if args.qbits is None else config.with_qbits(args.qbits)
     g1, g2, n = args.search_intervals or (None, None, None)  # checked by utils.cli_checks
     search = replace_settings(config.search, gamma_low=g1, gamma_high=g2, n_candidates=None if n is None else int(n),
@@ -265,7 +272,8 @@ def output_folder(args, model_name):
 
 
 def run(args) -> dict:
-    from utils.cli_checks import check_arguments, check_param_file_settings, check_sequence_lengths
+    from utils.cli_checks import (check_arguments, check_param_file_settings, check_sequence_lengths,
+                                  quantized_checkpoint)
     check_arguments(args)  # before anything is loaded: a bad flag costs nothing
     from utils.hub import hub_offline
     offline = hub_offline()  # before the hub libraries are imported: offline, hub names fail at once
@@ -275,13 +283,17 @@ def run(args) -> dict:
 
     model_args = models.parse_model_args(args.model_args)
     name, device = model_args["pretrained"], resolve_device(args.device)
-    config = None if args.fp_only else make_config(args)
+    checkpoint = quantized_checkpoint(args)  # a compressed-tensors folder: evaluated as it is
+    config = None if args.fp_only or checkpoint else make_config(args)
     if config is not None and args.only_eval and Path(args.ptq_param_path or "").suffix == ".pt":
         config = reference_file_config(args, config)
     if config is not None:
         check_param_file_settings(args, config)
     folder = output_folder(args, name)
     check_param_output(args, config)
+    if args.save_compressed:  # what cannot be exported, or where it cannot go, is refused before calibration
+        from utils.export import check_export_target
+        check_export_target(args.save_compressed, name, config)
     if args.plots:
         check_plots(args, config)
     if args.tasks:  # load every task's data first: a task that cannot be had fails before calibration
@@ -297,12 +309,18 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
 
     named_format = config is not None and config.block is not None  # --qbits does not apply to a named format
-    result = {"model": name, "quant_config": config.name if config else "FP",
+    label = config.name if config else "compressed-tensors" if checkpoint else "FP"
+    result = {"model": name, "quant_config": label,
+              **({"format": checkpoint.get("format")} if checkpoint else {}),
               "qbits": config.qbits if config and not named_format else None,
               **({"format": config.block.format} if named_format else {}), "settings": config.to_dict() if config else None}
     reference = figure_reference(args, config, model, tokenizer) if args.plots else None
     if config is not None:
         result.update(quantize_model(args, config, model, tokenizer, name))
+    if args.save_compressed:
+        from utils.export import export
+        result["compressed_checkpoint"] = str(export(model, args.save_compressed, tokenizer, config, model_name=name))
+        print(f"compressed-tensors checkpoint written to {result['compressed_checkpoint']}")
 
     figures = None
     if reference is not None:

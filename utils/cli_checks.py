@@ -13,11 +13,13 @@ from pathlib import Path
 
 from configs import FlatSettings, load_config
 
+from .compressed_tensors_io import quantization_config_of
 from .data import check_source
 from .errors import UsageError
 from .models import parse_model_args
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEFAULT_QUANT_CONFIG = "FPQ_config_llama"
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 
@@ -80,7 +82,30 @@ def check_arguments(args):
     check_model_args(args.model_args)
     for source in [args.calib_dataset, *args.eval_ppl]:
         check_source(source)
+    check_quantized_checkpoint(args)
     check_method_flags(args)
+
+
+def quant_config_name(args) -> str:
+    return args.quant_config or DEFAULT_QUANT_CONFIG
+
+
+def quantized_checkpoint(args) -> dict | None:
+    """The compressed-tensors quantization_config of --model_args pretrained=FOLDER, or None."""
+    return quantization_config_of(parse_model_args(args.model_args)["pretrained"])
+
+
+def check_quantized_checkpoint(args):
+    """A compressed-tensors folder is already quantized: it is evaluated as it is, never quantized again."""
+    if quantized_checkpoint(args) is None:
+        if args.save_compressed and args.fp_only:
+            raise UsageError("--save_compressed writes a quantized model; drop --fp_only")
+        return
+    folder = parse_model_args(args.model_args)["pretrained"]
+    for flag in ("quant_config", "fp_only", "save_compressed"):
+        if given(args, flag):
+            raise UsageError(f"--{flag}: {folder} is already quantized (a compressed-tensors checkpoint); drop "
+                             f"--{flag} to evaluate it as it is")
 
 
 def check_ranges(args):
@@ -131,9 +156,11 @@ def check_method_flags(args):
     """Refuse flags that contradict each other or that the chosen method (or --fp_only) would ignore."""
     if args.fp_only:
         method, chosen = None, "--fp_only (no quantization)"
+    elif quantized_checkpoint(args) is not None:
+        method, chosen = None, "a compressed-tensors checkpoint (already quantized)"
     else:
-        config = load_config(args.quant_config)
-        method, chosen = config.method, f"--quant_config {args.quant_config}"
+        config = load_config(quant_config_name(args))
+        method, chosen = config.method, f"--quant_config {quant_config_name(args)}"
     for name in FLAGS_OF_METHODS:
         if given(args, name) and ignored_by(args, name, method):
             raise UsageError(f"--{name} has no effect with {chosen}; drop one of the two")
@@ -144,7 +171,7 @@ def check_method_flags(args):
 def format_settings(args):
     """The named format's settings as the config and the flags that choose its inputs' scales make them."""
     chosen = {name: getattr(args, name) for name in ("format", "input_tensor_scale") if given(args, name)}
-    return replace(load_config(args.quant_config).block, **chosen)
+    return replace(load_config(quant_config_name(args)).block, **chosen)
 
 
 def ignored_by(args, name: str, method: str | None) -> bool:
@@ -153,7 +180,7 @@ def ignored_by(args, name: str, method: str | None) -> bool:
         return not block.searches_inputs() if name in INPUT_SEARCH_FLAGS else (
             name not in FORMAT_SEARCH_FLAGS or not block.search)
     if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights
-        default = load_config(args.quant_config).flat.weight_quantizer
+        default = load_config(quant_config_name(args)).flat.weight_quantizer
         return (args.weight_quantizer or ("gptq" if args.gptq else default)) != "fpq_search"
     return method not in FLAGS_OF_METHODS[name]
 

@@ -8,6 +8,7 @@ file or a complete new one, never half of one.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -123,3 +124,40 @@ def save_with_fallback(path: Path, save: Callable[[Path], object], what: str) ->
         print(f"warning: could not write the {what} to {path} ({error}); they were written to {fallback} "
               "instead: move that file to where it belongs", flush=True)
         return fallback
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_folder(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call `write(temporary_folder)` to fill a folder next to `path`, then move it to `path`. On failure nothing
+    is left behind and `path` keeps its previous content. An existing `path` is moved aside first and removed
+    once the new folder is in place (two renames: a crash between them leaves the old folder under a hidden
+    name, never a half-written one at `path`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp's folder is private; the result is an ordinary one
+    previous = None
+    try:
+        write(temporary)
+        for file in temporary.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as written:
+                    os.fsync(written.fileno())
+        if path.exists():
+            previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, previous)
+        os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if previous is not None and not path.exists():
+            os.replace(previous, path)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    _fsync_folder(path.parent)
+    return path

@@ -14,6 +14,7 @@ from torch import nn
 from .adapters import ModelAdapter, UnsupportedModel, adapter_for  # noqa: F401  (adapter_for and
 # UnsupportedModel are part of this module's public loading API)
 from .assets import asset_path, cache_dir
+from .compressed_tensors_io import load_compressed, quantization_config_of
 from .errors import UsageError, UserError
 
 OFFLINE_MODEL = "smollm2-135m-offline"  # the default model: the asset `python -m utils.assets` fetches
@@ -65,7 +66,8 @@ def parse_model_args(model_args: str) -> dict:
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelerate: bool = False):
-    """(model, tokenizer). `name` is a hub id, a local folder, or a name in OFFLINE_MODELS."""
+    """(model, tokenizer). `name` is a hub id, a local folder, or a name in OFFLINE_MODELS. A compressed-tensors
+    checkpoint (ours or llm-compressor's) loads as the fake-quantized model it describes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name in OFFLINE_MODELS:
         name = offline_model_folder(name)
@@ -75,7 +77,10 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
         kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        if quantization_config_of(name) is not None:  # already quantized: decoded into our fake-quantized modules
+            model = load_compressed(name, torch_dtype, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as error:
         raise ModelUnavailable(f"cannot load model {name!r}: {str(error).splitlines()[0]} "
                                f"(offline, use pretrained={OFFLINE_MODEL})") from None
