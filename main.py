@@ -22,6 +22,11 @@ EMBEDDED_DEFAULT = ["--model_args", "pretrained=smollm2-135m-offline", "--quant_
                     "--eval_ppl", "enwiki-heldout", "abcnews", "--ppl_seqlen", "512", "--ppl_limit", "40",
                     "--tasks", "gsm8k_cot", "--task_data", "gsm8k_cot=gsm8k-test", "--limit", "10",
                     "--output_path", "results/default"]
+# OpenMP's workers busy-wait between parallel regions by default. Where the cores are shared with other jobs, every
+# parallel ATen op then waits for a spinning worker that the scheduler has put aside: ~10-25 ms per op whatever its
+# size on two shared cores, which made a small calibration cost as much as its op count, not its work. Sleeping
+# workers cost ~0.1 ms per op and change no result (same threads, same partition of the work).
+OMP_WAIT_POLICY = "PASSIVE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +435,7 @@ def main(argv=None):
         argv = EMBEDDED_DEFAULT
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # read once, when torch loads (below, in run)
     started = time.perf_counter()
     try:
         run(args)

@@ -6,15 +6,18 @@ Parts (each in its own process so peak memory is its own):
   flat_llama7b_block  FlatQuant W4A4KV4 training + folding + RTN of one random LLaMA-7B-shaped decoder block
   forward       forward time of the fake-quantized SmolLM2 relative to full precision
   lm_eval       lm-eval wall time (GSM8K generation, cloze) of the fake-quantized SmolLM2 relative to FP
+  block_cost    FPQ seconds per SmolLM2 block at a small and a large setting (--small, --large), under each OpenMP
+                wait policy (--wait_policies): the small/large ratio shows the cost that does not shrink with the work
 
-python benchmarks/calibration.py [--parts smollm2 llama7b_block flat_llama7b_block forward lm_eval] [--calib 32x512]
-       [--n 100] [--flat_calib 4x512 --epochs 1]
+python benchmarks/calibration.py [--parts smollm2 llama7b_block flat_llama7b_block forward lm_eval block_cost]
+       [--calib 32x512] [--n 100] [--flat_calib 4x512 --epochs 1] [--small 8x256,1,20 --large 32x512,3,100 --blocks 1]
 Results: benchmarks/results/calibration.json and a table on stdout.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from main import OMP_WAIT_POLICY  # noqa: E402
 
 
 def fpq_config(args):
@@ -140,14 +145,51 @@ def part_lm_eval(args) -> dict:
     return result
 
 
+def part_block_seconds(args) -> dict:
+    """Seconds of each of the first --blocks SmolLM2 blocks, FPQ at --calib, --rounds, --n (one child per setting)."""
+    from utils.calibrate import quantize
+    from utils.data import calibration_samples
+    from utils.models import OFFLINE_MODEL, load_model
+    model, tokenizer = load_model(OFFLINE_MODEL, "float32", args.device)
+    model.model.layers = model.model.layers[:args.blocks]  # the blocks to time; lm_head then sees their output
+    count, seqlen = (int(v) for v in args.calib.split("x"))
+    config = replace(fpq_config(args), quantize_embedding=False, quantize_lm_head=False)  # blocks only
+    report = quantize(model, config, calibration_samples(tokenizer, "enwiki", count, seqlen), progress=False)
+    return {"block_seconds": report.block_seconds}
+
+
+def part_block_cost(args) -> dict:
+    """Seconds per block at the small and the large setting, each in a child process under each wait policy."""
+    result = {}
+    for policy in args.wait_policies:
+        for label, setting in (("small", args.small), ("large", args.large)):
+            calib, rounds, n = setting.split(",")
+            seconds = run_part("block_seconds", ["--calib", calib, "--rounds", rounds, "--n", n, "--blocks",
+                                                 str(args.blocks), *setting_flags(args)], {"OMP_WAIT_POLICY": policy})
+            result[f"{label}_{policy}"] = sum(seconds["block_seconds"]) / args.blocks
+        result[f"ratio_small_over_large_{policy}"] = result[f"small_{policy}"] / result[f"large_{policy}"]
+    return result
+
+
+def setting_flags(args) -> list[str]:
+    return ["--strategy", args.strategy, "--act_search_tokens", str(args.act_search_tokens), "--device", args.device]
+
+
+def run_part(part: str, argv: list[str], env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--one", part, *argv]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 PARTS = {"smollm2": part_smollm2, "llama7b_block": part_llama7b_block, "flat_llama7b_block": part_flat_llama7b_block,
          "forward": part_forward,
-         "lm_eval": part_lm_eval}
+         "lm_eval": part_lm_eval, "block_cost": part_block_cost, "block_seconds": part_block_seconds}
 
 
 def main():
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # the children run as main.py does
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
+    p.add_argument("--parts", nargs="*", default=[p for p in PARTS if p != "block_seconds"], choices=list(PARTS))
     p.add_argument("--output", default="calibration.json", help="file name under benchmarks/results/")
     p.add_argument("--calib", default="32x512")
     p.add_argument("--n", type=int, default=100)
@@ -158,6 +200,11 @@ def main():
     p.add_argument("--flat_calib", default="4x512", help="FlatQuant windows x tokens of the 7B-shaped block")
     p.add_argument("--epochs", type=int, default=1, help="FlatQuant epochs of the 7B-shaped block")
     p.add_argument("--eval_limit", type=int, default=10, help="GSM8K problems (x10 cloze items) for lm_eval")
+    p.add_argument("--small", default="8x256,1,20", help="block_cost: windows x tokens,rounds,n of the small setting")
+    p.add_argument("--large", default="32x512,3,100", help="block_cost: the same for the large setting")
+    p.add_argument("--blocks", type=int, default=1, help="block_cost: blocks timed per setting")
+    p.add_argument("--wait_policies", nargs="+", default=["ACTIVE", "PASSIVE"], choices=["ACTIVE", "PASSIVE"],
+                   help="block_cost: the children's OMP_WAIT_POLICY (ACTIVE: OpenMP's default, before main.py set one)")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -166,10 +213,7 @@ def main():
         return
     results = {"settings": vars(args)}
     for part in args.parts:
-        cmd = [sys.executable, __file__, "--one", part] + [a for a in sys.argv[1:] if a != "--parts"
-                                                          and a not in PARTS]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results[part] = json.loads(out)
+        results[part] = run_part(part, [a for a in sys.argv[1:] if a != "--parts" and a not in PARTS])
         print(part, json.dumps(results[part]))
     folder = ROOT / "benchmarks" / "results"
     folder.mkdir(parents=True, exist_ok=True)
