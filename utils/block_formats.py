@@ -36,6 +36,8 @@ class BlockFormatStep:
     def __init__(self, config: QuantConfig):
         self.config, self.settings = config, config.block
         self.weight_scheme, self.input_scheme = config.block.schemes()
+        # FlatQuant's folded weights choose GPTQ by their own setting (the method is then "flatquant")
+        self.use_gptq = config.method == "gptq" or (config.flat is not None and config.flat.weight_quantizer == "gptq")
 
     def embedding(self, table: QuantEmbedding):
         table.weight_quantizer = make_quantizer(self.weight_scheme, table.weight.detach().float())
@@ -52,17 +54,19 @@ class BlockFormatStep:
     def head(self, head: QuantLinear, inputs: torch.Tensor) -> dict:
         return self.calibrate_group({"lm_head": head}, inputs)["lm_head"]
 
-    def calibrate_group(self, modules: dict[str, QuantLinear], inputs: torch.Tensor) -> dict:
-        """Quantize linears that read the same inputs [tokens, in]; returns a report entry per module path."""
+    def calibrate_group(self, modules: dict[str, QuantLinear], inputs: torch.Tensor, clips: dict | None = None) -> dict:
+        """Quantize linears that read the same inputs [tokens, in]; returns a report entry per module path.
+        `clips`: {path: per-row clip factor [rows, 1]} of the block scales (FlatQuant's learned ones), replaced by
+        the searched ones when the search is on."""
         transform = next(iter(modules.values())).input_transform  # the Hadamard rotation, when asked for
         inputs = inputs if transform is None else transform(inputs)
         act = make_quantizer(self.input_scheme, inputs) if self.input_scheme is not None else None
         tensor_scale = self.shared_tensor_scale([m.weight for m in modules.values()])
-        grams = self.grams(inputs, act) if self.settings.search or self.config.method == "gptq" else None
+        grams = self.grams(inputs, act) if self.settings.search or self.use_gptq else None
         report = {}
         for path, module in modules.items():
             module.act_quantizer = None if act is None else copy.deepcopy(act)  # each module saves its own
-            report[path] = self.quantize_weight(module, tensor_scale, grams)
+            report[path] = self.quantize_weight(module, tensor_scale, grams, (clips or {}).get(path))
         return report
 
     def shared_tensor_scale(self, weights: list[torch.Tensor]) -> torch.Tensor | None:
@@ -86,9 +90,11 @@ class BlockFormatStep:
         grams["tokens"] = inputs.shape[0]
         return grams
 
-    def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None) -> dict:
+    def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None, clip=None) -> dict:
         w = module.weight.detach().float()
         options = {"tensor_scale": tensor_scale, "four_over_six": self.settings.four_over_six}
+        if clip is not None:
+            options["clip"] = clip
         error = None if grams is None else OutputError(w, grams["qq"], grams["qx"], grams["xx"])
         if error is not None and self.settings.four_over_six:
             options["importance"] = error.importance()
@@ -99,7 +105,7 @@ class BlockFormatStep:
         if self.settings.search:
             options["clip"] = search_clip(w, error, lambda rows, clip: weight_quantizer(
                 self.weight_scheme, rows, **{**options, "clip": clip}), self.config.search)
-        if self.config.method == "gptq":
+        if self.use_gptq:
             self.gptq(module, w, grams, options)
         else:
             module.weight_quantizer = weight_quantizer(self.weight_scheme, w, **options)
