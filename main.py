@@ -278,6 +278,8 @@ def run(args) -> dict:
     if config is not None and args.only_eval and Path(args.ptq_param_path or "").suffix == ".pt":
         config = reference_file_config(args, config)
     if config is not None:
+        from utils.methods import method_for
+        method_for(config)  # a config the method cannot run is refused before the model loads
         check_param_file_settings(args, config)
     folder = output_folder(args, name)
     check_param_output(args, config)

@@ -140,8 +140,11 @@ def check_method_flags(args):
 
 
 def ignored_by(args, name: str, method: str | None) -> bool:
-    if method in ("rtn", "gptq") and name in SEARCH_FLAGS:  # read only by the named formats' clip search
-        return name not in FORMAT_SEARCH_FLAGS or not load_config(args.quant_config).block.search
+    block = None if method is None else load_config(args.quant_config).block
+    if block is not None and name in FORMAT_FLAGS:  # a named format's settings, under rtn, gptq or flatquant
+        return False
+    if block is not None and name in SEARCH_FLAGS:  # read only by the named formats' clip search
+        return name not in FORMAT_SEARCH_FLAGS or not block.search
     if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights
         default = load_config(args.quant_config).flat.weight_quantizer
         return (args.weight_quantizer or ("gptq" if args.gptq else default)) != "fpq_search"
