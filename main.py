@@ -166,7 +166,8 @@ FLAT_HELP = {
 
 def add_flatquant_flags(p):
     f = p.add_argument_group(
-        "FlatQuant (--quant_config FlatQuant_config_llama or FlatQuant_FP_config_llama)",
+        "FlatQuant (--quant_config FlatQuant_config_llama, FlatQuant_FP_config_llama, or for the block formats "
+        "NVFP4_FlatQuant_config, NVFP4_FlatQuant_GPTQ_config, MXFP4_FlatQuant_config, which also take --format)",
         "The reference's flags with its meaning. Without --cali_trans/--add_diag/--lwc/--lac the config's published "
         "W4A4KV4 recipe applies and the other flags change it; once one of those four is given (as in every "
         "published script), switches and Q/K/V bits left out take the reference's defaults (off, 16 bits), so its "
@@ -293,6 +294,8 @@ def run(args) -> dict:
     if config is not None and args.only_eval and Path(args.ptq_param_path or "").suffix == ".pt":
         config = reference_file_config(args, config)
     if config is not None:
+        from utils.methods import method_for
+        method_for(config)  # a config the method cannot run is refused before the model loads
         check_param_file_settings(args, config)
     folder = output_folder(args, name)
     check_param_output(args, config)

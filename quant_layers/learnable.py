@@ -5,19 +5,31 @@ A `DynamicQuantizer` derives its range from every group of its input at run time
 gradients straight through, so clipping ratios, scales and the transforms in front are trainable.
 Elements are INT (symmetric with levels -2^(b-1)..2^(b-1)-1 as FlatQuant/QuaRot, or asymmetric) or any ExMy
 FP format, whose per-group maximum sets its exponent bias as LLM-FP4's MinMax does.
+
+A `LearnableBlockQuantizer` is the same idea for the block-scaled formats (NVFP4, MX): its forward values are
+`BlockQuantizer`'s bit for bit, and both the element rounding and the block-scale rounding (E4M3, E8M0) pass
+gradients straight through, so a learned clip factor on the block maxima trains.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .blocks import blocks_of, e4m3_scales, element_max, element_quantize, mx_exponent_offset, mx_scale_codes, \
+    mx_scales, nvfp4_tensor_scale
 from .formats import MIN_ABSMAX, FPFormat, fp_quantize
+from .schemes import Scheme
 
 CLIP_INIT = 4.0  # sigmoid(4) = 0.982: clipping starts just inside the observed range
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
+
+
+def straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """`rounded` exactly in the forward pass (no x + (r - x) rounding error), the gradient of x backwards."""
+    return rounded.detach() + (x - x.detach())
 
 
 def _fp_ste(x: torch.Tensor, fmt: FPFormat, maxval: torch.Tensor) -> torch.Tensor:
@@ -101,3 +113,49 @@ class WeightClip(nn.Module):
         high = w.amax(-1, keepdim=True) * torch.sigmoid(self.clip_max).to(w.dtype)
         low = w.amin(-1, keepdim=True) * torch.sigmoid(self.clip_min).to(w.dtype)
         return torch.maximum(torch.minimum(w, high), low)
+
+
+class LearnableBlockQuantizer(nn.Module):
+    """Training-time fake quantization to a block-scaled format (`scheme`: NVFP4, MXFP4, ...), recomputed from
+    every input: block scales from the blocks' maxima times an optional learnable clip ratio, rounded to E4M3 (times
+    an FP32 tensor scale taken from the input itself) or to a power of two (E8M0) as the engines do it.
+
+    `clip`: None, "scalar" (one ratio for every block: LAC) or an int number of rows (one ratio per weight row:
+    LWC; the deployed weight quantizer then takes sigmoid(clip_max) as its clip factor).
+    """
+
+    def __init__(self, scheme: Scheme, clip=None):
+        super().__init__()
+        if scheme.granularity != "group" or scheme.scale not in ("e4m3", "e8m0"):
+            raise ValueError(f"{scheme.name} is not a block-scaled format")
+        self.fmt, self.block_size, self.encoding, self.rule = scheme.element, scheme.group_size, scheme.scale, scheme.rule
+        shape = () if clip == "scalar" else (clip, 1)
+        self.clip_max = nn.Parameter(torch.full(shape, CLIP_INIT)) if clip is not None else None
+
+    def clip_factor(self) -> torch.Tensor | None:
+        return None if self.clip_max is None else torch.sigmoid(self.clip_max)
+
+    def step(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Each block's quantization step [..., n / block_size, 1], its value the engines' (rounded) one."""
+        clip = self.clip_factor()
+        amax = blocks.abs().amax(-1)
+        target = amax if clip is None else amax * clip
+        if self.encoding == "e8m0":
+            rounded = mx_scales(mx_scale_codes(target.detach(), self.fmt, self.rule))
+            step = straight_through(target / 2 ** mx_exponent_offset(self.fmt), rounded)
+        else:
+            tensor_scale = nvfp4_tensor_scale(blocks.detach().abs().amax(), fmt=self.fmt)
+            rounded = e4m3_scales(amax.detach(), tensor_scale, self.fmt, None if clip is None else clip.detach())
+            step = straight_through(tensor_scale * target / element_max(self.fmt), rounded) / tensor_scale
+        return step.unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = blocks_of(x.float(), self.block_size)
+        step = self.step(blocks)
+        top = element_max(self.fmt)
+        scaled = torch.clamp(blocks / step, -top, top)  # clipped values send their gradient to the scale
+        return (straight_through(scaled, element_quantize(scaled.detach(), self.fmt)) * step).to(x.dtype).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.fmt.name}, blocks of {self.block_size}, {self.encoding}, straight-through, "
+                f"learnable clip={self.clip_max is not None}")

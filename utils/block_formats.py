@@ -37,6 +37,8 @@ class BlockFormatStep:
     def __init__(self, config: QuantConfig):
         self.config, self.settings = config, config.block
         self.weight_scheme, self.input_scheme = config.block.schemes()
+        # FlatQuant's folded weights choose GPTQ by their own setting (the method is then "flatquant")
+        self.use_gptq = config.method == "gptq" or (config.flat is not None and config.flat.weight_quantizer == "gptq")
 
     def embedding(self, table: QuantEmbedding):
         table.weight_quantizer = make_quantizer(self.weight_scheme, table.weight.detach().float())
@@ -53,19 +55,21 @@ class BlockFormatStep:
     def head(self, head: QuantLinear, inputs: torch.Tensor) -> dict:
         return self.calibrate_group({"lm_head": head}, inputs)["lm_head"]
 
-    def calibrate_group(self, modules: dict[str, QuantLinear], inputs: torch.Tensor) -> dict:
-        """Quantize linears that read the same inputs [tokens, in]; returns a report entry per module path."""
+    def calibrate_group(self, modules: dict[str, QuantLinear], inputs: torch.Tensor, clips: dict | None = None) -> dict:
+        """Quantize linears that read the same inputs [tokens, in]; returns a report entry per module path.
+        `clips`: {path: per-row clip factor [rows, 1]} of the block scales (FlatQuant's learned ones), replaced by
+        the searched ones when the search is on."""
         transform = next(iter(modules.values())).input_transform  # the Hadamard rotation, when asked for
         inputs = inputs if transform is None else transform(inputs)
         act = make_quantizer(self.input_scheme, inputs) if self.input_scheme is not None else None
         tensor_scale = self.shared_tensor_scale([m.weight for m in modules.values()])
         if self.settings.searches_inputs():
-            act = self.search_inputs(modules, inputs, act, tensor_scale)
-        grams = self.grams(inputs, act) if self.settings.search or self.config.method == "gptq" else None
+            act = self.search_inputs(modules, inputs, act, tensor_scale, clips)
+        grams = self.grams(inputs, act) if self.settings.search or self.use_gptq else None
         report = {}
         for path, module in modules.items():
             module.act_quantizer = None if act is None else copy.deepcopy(act)  # each module saves its own
-            report[path] = self.quantize_weight(module, tensor_scale, grams)
+            report[path] = self.quantize_weight(module, tensor_scale, grams, (clips or {}).get(path))
         return report
 
     def shared_tensor_scale(self, weights: list[torch.Tensor]) -> torch.Tensor | None:
@@ -90,15 +94,18 @@ class BlockFormatStep:
         return grams
 
     def search_inputs(self, modules: dict[str, QuantLinear], inputs: torch.Tensor, act: nn.Module,
-                      tensor_scale) -> nn.Module:
+                      tensor_scale, clips: dict | None) -> nn.Module:
         """LLM-FP4's alternation for NVFP4 inputs, `rounds` times: the input tensor scale searched for the weights
         as they stand (RTN's at first, then those whose clip was searched for the previous round's inputs)."""
         weights = [module.weight.detach().float() for module in modules.values()]
-        options = [{"tensor_scale": tensor_scale, "four_over_six": self.settings.four_over_six}] * len(weights)
+        given = [(clips or {}).get(path) for path in modules]
+        options = [{"tensor_scale": tensor_scale, "four_over_six": self.settings.four_over_six}
+                   | ({} if clip is None else {"clip": clip}) for clip in given]
         for round_index in range(self.config.search.rounds):
             if round_index:
                 grams = self.grams(inputs, act)
-                options = [self.weight_options(w, tensor_scale, self.output_error(w, grams)) for w in weights]
+                options = [self.weight_options(w, tensor_scale, self.output_error(w, grams), clip)
+                           for w, clip in zip(weights, given)]
             quantized = [weight_quantizer(self.weight_scheme, w, **o)(w) for w, o in zip(weights, options)]
             act = search_input_tensor_scale(act, inputs, torch.cat(weights), torch.cat(quantized), self.config.search)
         return act
@@ -107,10 +114,12 @@ class BlockFormatStep:
     def output_error(w: torch.Tensor, grams: dict | None) -> OutputError | None:
         return None if grams is None else OutputError(w, grams["qq"], grams["qx"], grams["xx"])
 
-    def weight_options(self, w: torch.Tensor, tensor_scale, error: OutputError | None) -> dict:
+    def weight_options(self, w: torch.Tensor, tensor_scale, error: OutputError | None, clip=None) -> dict:
         """weight_quantizer's options for w: the group's tensor scale, four over six weighted by the inputs, and
-        the searched clip factors."""
+        the clip factors (`clip`, FlatQuant's learned ones, or the searched ones when the search is on)."""
         options = {"tensor_scale": tensor_scale, "four_over_six": self.settings.four_over_six}
+        if clip is not None:
+            options["clip"] = clip
         if error is not None and self.settings.four_over_six:
             options["importance"] = error.importance()
         if self.settings.search:
@@ -118,16 +127,16 @@ class BlockFormatStep:
                 self.weight_scheme, rows, **{**options, "clip": clip}), self.config.search)
         return options
 
-    def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None) -> dict:
+    def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None, clip=None) -> dict:
         w = module.weight.detach().float()
         error = self.output_error(w, grams)
-        options = self.weight_options(w, tensor_scale, error)
+        options = self.weight_options(w, tensor_scale, error, clip)
         entry = {"w_format": self.weight_scheme.name,
                  "a_format": self.input_scheme.name if self.input_scheme else None}
         if error is not None:
             rtn = weight_quantizer(self.weight_scheme, w, **{k: v for k, v in options.items() if k != "clip"})
             entry["rtn_output_error"] = error(rtn(w)).sum().item()
-        if self.config.method == "gptq":
+        if self.use_gptq:
             self.gptq(module, w, grams, options)
         else:
             module.weight_quantizer = weight_quantizer(self.weight_scheme, w, **options)

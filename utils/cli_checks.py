@@ -169,14 +169,18 @@ def check_method_flags(args):
 
 
 def format_settings(args):
-    """The named format's settings as the config and the flags that choose its inputs' scales make them."""
+    """The named format's settings (None without one) as the config and the flags that choose its inputs' scales
+    make them."""
+    block = load_config(quant_config_name(args)).block
     chosen = {name: getattr(args, name) for name in ("format", "input_tensor_scale") if given(args, name)}
-    return replace(load_config(quant_config_name(args)).block, **chosen)
+    return None if block is None else replace(block, **chosen)
 
 
 def ignored_by(args, name: str, method: str | None) -> bool:
-    if method in ("rtn", "gptq") and name in SEARCH_FLAGS:  # read only by the named formats' clip search
-        block = format_settings(args)
+    block = None if method is None else format_settings(args)
+    if block is not None and name in FORMAT_FLAGS:  # a named format's settings, under rtn, gptq or flatquant
+        return False
+    if block is not None and name in SEARCH_FLAGS:  # read only by the named formats' clip search
         return not block.searches_inputs() if name in INPUT_SEARCH_FLAGS else (
             name not in FORMAT_SEARCH_FLAGS or not block.search)
     if method == "flatquant" and name in SEARCH_FLAGS:  # read only when LLM-FP4's search quantizes the weights

@@ -28,12 +28,14 @@ from configs import QuantConfig
 from quant_layers import FPFormat, LinearSearch, QuantLinear, make_quantizer
 from quant_layers.flat import FlatLinear, KVQuant
 from quant_layers.gptq import HessianAccumulator, HessianNotPositiveDefinite, gptq_quantize, rtn_quantize
-from quant_layers.learnable import DynamicQuantizer, WeightClip
+from quant_layers.learnable import DynamicQuantizer, LearnableBlockQuantizer, WeightClip
 from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_factor, kronecker_factors, make_factor
 
 from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, model_dims
 from .models import get_module, same_model, set_module
-from .pipeline import CalibrationReport, PeakMemory, capture_block_inputs, record_inputs, run_block, set_quantized
+from .block_formats import BlockFormatStep
+from .pipeline import (CalibrationReport, PeakMemory, capture_block_inputs, capture_linear_inputs, record_inputs,
+                       run_block, set_quantized)
 from .errors import UsageError, UserError
 from .files import atomic_write
 
@@ -82,8 +84,6 @@ class FlatBlock(nn.Module):
     def __init__(self, block, adapter: ModelAdapter, config: QuantConfig, dims: Dims, generator: torch.Generator):
         super().__init__()
         flat, self.adapter = config.flat, adapter
-        w_element = _element(config, "w", config.w_bits)
-        a_element = _element(config, "a", config.a_bits)
         transformed = flat.transform and (config.w_bits < 16 or config.a_bits < 16)
         self.transforms, self.act_quantizers, self.linears = nn.ModuleList(), nn.ModuleList(), nn.ModuleDict()
         self.value_factor = make_factor(dims.head_dim, flat.direct_inv, generator) if transformed else None
@@ -98,16 +98,14 @@ class FlatBlock(nn.Module):
                 transform = KroneckerTransform(make_factor(n1, flat.direct_inv, generator),
                                                make_factor(n2, flat.direct_inv, generator), head.in_features,
                                                diag=flat.add_diag)
-            act = (DynamicQuantizer(a_element, not flat.a_asym, clip="scalar" if flat.lac else None)
-                   if config.a_bits < 16 else None)
+            act = _act_quantizer(config)
             self.transforms.append(transform)
             self.act_quantizers.append(act)
             for name in group.linears:
                 linear = block.get_submodule(name)
+                weight_quantizer, weight_clip = _weight_quantizer(config, linear.out_features)
                 self.linears[_key(name)] = FlatLinear(
-                    linear, transform, act,
-                    weight_quantizer=DynamicQuantizer(w_element, not flat.w_asym) if config.w_bits < 16 else None,
-                    weight_clip=WeightClip(linear.out_features) if flat.lwc and config.w_bits < 16 else None,
+                    linear, transform, act, weight_quantizer=weight_quantizer, weight_clip=weight_clip,
                     out_factor=self.value_factor if name == adapter.value_proj else None)
         self.kv = self._kv_quant(config, dims, generator)
 
@@ -154,7 +152,7 @@ class FlatBlock(nn.Module):
             elif name.endswith("diag_scale"):
                 diags.append(param)
             elif "clip_" in name:
-                is_weight = "weight_clip" in name
+                is_weight = "weight_clip" in name or "weight_quantizer" in name
                 if (is_weight and flat.lwc) or (not is_weight and flat.lac):
                     clips.append(param)
         groups = [(factors, flat.cali_trans, flat.flat_lr), (diags, flat.add_diag, flat.flat_lr),
@@ -177,7 +175,7 @@ class FlatBlock(nn.Module):
                         out[f"{path}.transform.diag"] = transform.diag_scale.detach()
                 if act is not None:
                     out.update(_clip_params(act, f"{path}.act_clip"))
-                clip = self.linears[_key(name)].weight_clip
+                clip = _weight_clip_of(self.linears[_key(name)])
                 if clip is not None:
                     out.update(_clip_params(clip, f"{path}.weight_clip"))
         if self.kv is not None:
@@ -213,7 +211,7 @@ class FlatBlock(nn.Module):
                 if act is not None:
                     _set_clip(act, path + ".act_clip", take)
                 for name in group:
-                    clip = self.linears[_key(name)].weight_clip
+                    clip = _weight_clip_of(self.linears[_key(name)])
                     if clip is not None:
                         _set_clip(clip, f"{prefix}.{name}.weight_clip", take)
             if self.kv is not None:
@@ -242,6 +240,12 @@ class FlatBlock(nn.Module):
             self.value_factor = swap(self.value_factor)
         if self.kv is not None and self.kv.key_factor is not None:
             self.kv.key_factor = swap(self.kv.key_factor)
+
+    def weight_clip_factors(self) -> dict:
+        """{module name: per-row clip factor [rows, 1]} of block-format weights with learned clipping: the deployed
+        block scales take them (the INT path folds its clip into the weight instead)."""
+        return {_name(key): linear.weight_quantizer.clip_factor().detach() for key, linear in self.linears.items()
+                if isinstance(linear.weight_quantizer, LearnableBlockQuantizer) and linear.weight_quantizer.clip_max is not None}
 
     # ----- reparameterisation -----
     def fold_into(self, block):
@@ -282,6 +286,34 @@ def _set_clip(module, path, take):
     for k in ("max", "min"):
         if getattr(module, f"clip_{k}", None) is not None:
             getattr(module, f"clip_{k}").copy_(take(f"{path}.{k}"))
+
+
+def _weight_clip_of(linear: FlatLinear):
+    """The module holding a FlatLinear's learned weight clipping: its WeightClip (INT, FP) or its block quantizer."""
+    if linear.weight_clip is not None:
+        return linear.weight_clip
+    return linear.weight_quantizer if isinstance(linear.weight_quantizer, LearnableBlockQuantizer) else None
+
+
+def _act_quantizer(config):
+    """The training-time input quantizer of a linear group: the named format's dynamic blocks, else per token."""
+    flat, clip = config.flat, "scalar" if config.flat.lac else None
+    if config.block is not None:
+        scheme = config.scheme("input")
+        return None if scheme is None else LearnableBlockQuantizer(scheme, clip)
+    return DynamicQuantizer(_element(config, "a", config.a_bits), not flat.a_asym, clip=clip) if config.a_bits < 16 else None
+
+
+def _weight_quantizer(config, rows: int):
+    """(training-time weight quantizer, WeightClip or None): block formats clip their block maxima per row inside
+    the quantizer; INT and FP rows are clamped by a WeightClip before a per-row quantizer."""
+    flat = config.flat
+    if config.block is not None:
+        return LearnableBlockQuantizer(config.scheme("weight"), rows if flat.lwc else None), None
+    if config.w_bits >= 16:
+        return None, None
+    return (DynamicQuantizer(_element(config, "w", config.w_bits), not flat.w_asym),
+            WeightClip(rows) if flat.lwc else None)
 
 
 def _element(config, kind, bits):
@@ -380,6 +412,19 @@ def quantize_block_weights(block, adapter, config, hidden, call_kwargs) -> dict:
     return losses
 
 
+def quantize_format_weights(block, adapter, config, hidden, call_kwargs, clips: dict) -> dict:
+    """A named format's weights and inputs, group by group in execution order: the block-format step's RTN, GPTQ
+    or clip search on the folded weights (starting from the learned per-row clips), its dynamic input quantizer
+    with NVFP4's tensor scale calibrated on the transformed inputs, fused groups sharing tensor scales."""
+    step, report = BlockFormatStep(config), {}
+    for group in adapter.linear_groups:
+        _, inputs = capture_linear_inputs(block, group[:1], hidden, call_kwargs, 1)
+        modules = {name: block.get_submodule(name) for name in group}
+        report.update(step.calibrate_group(modules, inputs[group[0]], clips))
+        del inputs
+    return report
+
+
 def _quantize_weight(module: QuantLinear, hessian: HessianAccumulator, inputs, config, shared) -> float:
     """Quantize one folded weight; the loss is the output error the weight quantization adds on the quantized
     inputs, ||Xq (W - Q)^T||^2 = N/2 tr((W - Q) H (W - Q)^T), comparable across RTN, GPTQ and the search."""
@@ -420,7 +465,8 @@ def default_matrix_path(root, config: QuantConfig, model_name: str, fingerprint:
                                        ("A", f.lac), ("I", f.direct_inv)) if on)
     kv = f"q{f.q_bits}{'a' if f.q_asym else ''}g{f.q_groupsize}k{f.k_bits}{'a' if f.k_asym else ''}g{f.k_groupsize}" \
          f"v{f.v_bits}{'a' if f.v_asym else ''}g{f.v_groupsize}"
-    name = (f"{config.element}W{config.w_bits}{'a' if f.w_asym else ''}A{config.a_bits}{'a' if f.a_asym else ''}_{kv}"
+    element = config.element if config.block is None else config.block.format
+    name = (f"{element}W{config.w_bits}{'a' if f.w_asym else ''}A{config.a_bits}{'a' if f.a_asym else ''}_{kv}"
             f"_{switches or 'none'}{'' if f.transform else '_notrans'}_e{f.epochs}_bs{f.cali_bsz}_lr{f.flat_lr:g}"
             f"_alpha{f.diag_alpha:g}{'_warm' if f.warmup else ''}_{calib}.safetensors")
     return Path(root) / config.name / model_folder(model_name, fingerprint) / name
@@ -429,8 +475,11 @@ def default_matrix_path(root, config: QuantConfig, model_name: str, fingerprint:
 def matrix_metadata(config: QuantConfig, model_name: str, fingerprint: dict) -> dict:
     flat = asdict(config.flat)
     transform_keys = ("transform", "direct_inv", "add_diag", "lwc", "lac", "q_bits", "k_bits", "v_bits")
-    return {"format": MATRIX_FORMAT, "model": model_name, "fingerprint": fingerprint, "element": config.element,
-            "w_bits": config.w_bits, "a_bits": config.a_bits, "settings": {k: flat[k] for k in transform_keys}}
+    metadata = {"format": MATRIX_FORMAT, "model": model_name, "fingerprint": fingerprint, "element": config.element,
+                "w_bits": config.w_bits, "a_bits": config.a_bits, "settings": {k: flat[k] for k in transform_keys}}
+    if config.block is not None:  # transforms and clips trained for a named format's quantizers
+        metadata["named_format"] = config.block.format
+    return metadata
 
 
 def read_matrices(path, expected: dict) -> dict:
@@ -445,9 +494,9 @@ def read_matrices(path, expected: dict) -> dict:
                               "re-run calibration or pass another --matrix_path") from None
     if not same_model(meta["fingerprint"], expected["fingerprint"]):
         raise MatrixFileError(f"{path} was calibrated for another model ({meta['model']}); pass this model's --matrix_path")
-    for key in ("element", "w_bits", "a_bits", "settings"):
-        if meta[key] != expected[key]:
-            raise MatrixFileError(f"{path} was made with {key}={meta[key]}, not {expected[key]}; "
+    for key in ("named_format", "element", "w_bits", "a_bits", "settings"):  # files before named formats: none
+        if meta.get(key) != expected.get(key):
+            raise MatrixFileError(f"{path} was made with {key}={meta.get(key)}, not {expected.get(key)}; "
                                   "use the same FlatQuant settings or recalibrate")
     return {int(i): {k: v for k, v in tensors.items() if k.startswith(f"{p}.")} for i, p in meta["blocks"].items()}
 
@@ -518,9 +567,14 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
                 written[index] = (prefix, flat_block.matrices(prefix))
                 if matrix_path is not None:
                     write_matrices(matrix_path, metadata, written)
+            clips = flat_block.weight_clip_factors()
             flat_block.fold_into(block)
             del flat_block
-            losses = quantize_block_weights(block, adapter, config, hidden_q, call_kwargs) if config.w_bits < 16 else {}
+            if config.block is not None:
+                layers = quantize_format_weights(block, adapter, config, hidden_q, call_kwargs, clips)
+            else:
+                losses = quantize_block_weights(block, adapter, config, hidden_q, call_kwargs) if config.w_bits < 16 else {}
+                layers = {name: {"loss": loss} for name, loss in losses.items()}
             if release_originals:
                 for module in block.modules():
                     if isinstance(module, QuantLinear):
@@ -528,7 +582,7 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
             hidden_q = run_block(block, hidden_q, call_kwargs, 1)
             hidden = targets
             block.to(dtype)
-            report.layers.update({f"{prefix}.{name}": {"loss": loss} for name, loss in losses.items()})
+            report.layers.update({f"{prefix}.{name}": entry for name, entry in layers.items()})
             report.layers[prefix] = {"train_loss": history}
             report.block_seconds.append(time.perf_counter() - block_start)
     report.seconds, report.peak_memory_mb = time.perf_counter() - started, memory.peak_mb
