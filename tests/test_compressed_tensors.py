@@ -239,14 +239,16 @@ def test_our_export_read_back_reproduces_the_in_memory_perplexity(config_name, t
 @pytest.mark.parametrize("flags", [["--quant_config", "FPQ_config_llama"], ["--quant_config", "FlatQuant_config_llama"],
                                    ["--quant_config", "NVFP4_config", "--hadamard"],
                                    ["--quant_config", "MXFP4_config", "--mx_rule", "floor"],
-                                   ["--quant_config", "NVFP4_config", "--ignore", "none"]])
+                                   ["--quant_config", "NVFP4_config", "--ignore", "none"],
+                                   ["--quant_config", "NVFP4_FlatQuant_config"]])
 def test_what_cannot_be_exported_exactly_is_refused_before_loading(flags, monkeypatch, capsys, tmp_path):
     forbid_model_load(monkeypatch)
     code, _, err = run_main(capsys, *flags, "--device", "cpu", "--save_compressed", tmp_path / "out")
     line = one_line_error(err)
     assert code == 2 and "cannot be written exactly as a compressed-tensors checkpoint" in line
     assert "configs that export: MXFP4_GPTQ_config, MXFP4_best_config, MXFP4_config" in line
-    assert "W4A16_G128_config" in line and "FPQ" not in line.split("configs that export:")[1]
+    exporting = line.split("configs that export:")[1]
+    assert "W4A16_G128_config" in exporting and "FPQ" not in exporting and "FlatQuant" not in exporting
     assert not (tmp_path / "out").exists()
 
 

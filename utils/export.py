@@ -34,6 +34,8 @@ def export_refusal(config: QuantConfig) -> str | None:
     if config.block is None:
         return ("its formats (E1M2/E3M0 elements, real-valued per-row exponent biases and pre-shifts, FlatQuant's "
                 "online transforms) have no compressed-tensors layout")
+    if config.flat is not None:
+        return "FlatQuant's online Kronecker transforms of the inputs have no compressed-tensors layout"
     settings = config.block
     if settings.format not in EXPORTS:
         return f"compressed-tensors has no packed layout for {settings.format} here"
