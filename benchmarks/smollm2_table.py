@@ -83,7 +83,19 @@ def peer_command(table: str, name: str, venv: str) -> list[str]:
     out = f"results/{folder}/{name}"
     return [str(peer_python(venv)), "benchmarks/peer_llmcompressor.py", "--model", model_folder(our_settings(table)),
             "--tokens", f"results/{folder}/{TOKENS}", "--scheme", scheme, "--output", f"{out}/results.json",
-            *(["--method", method, "--save_dir", f"{out}/checkpoint"] if method else [])]
+            *(["--method", method, "--save_dir", f"{out}/checkpoint", "--skip_ppl"] if method else [])]
+
+
+def checkpoint_eval_command(table: str, name: str) -> list[str]:
+    """main.py scoring llm-compressor's checkpoint on the table's windows: its packed weights decoded exactly, its
+    inputs quantized as its config states (on a CPU compressed-tensors' own forward takes minutes per window)."""
+    folder, _, rows = TABLES[table]
+    eval_flags = EVAL.split()
+    for flag in ("--calib_dataset", "--calib_seqlen"):  # nothing is calibrated: the checkpoint is read as it is
+        at = eval_flags.index(flag)
+        del eval_flags[at:at + 2]
+    eval_flags[eval_flags.index("--model_args") + 1] = f"pretrained=results/{folder}/{name}/checkpoint"
+    return [sys.executable, "main.py", *eval_flags, "--output_path", f"results/{folder}/{name}/eval"]
 
 
 def our_settings(table: str):
@@ -121,10 +133,10 @@ def write_peer_tokens(path: Path, args):
 
 def run_missing(args, folder: str, rows: dict, peers: dict):
     """Run the chosen rows that have no results (all chosen rows with --rerun); the token file first when a
-    peer row runs, so both sides read the same windows."""
+    peer row runs, so both sides read the same windows; then score the peer checkpoints that have no perplexity."""
     chosen = [name for name in [*rows, *peers] if name in (args.rows or [*rows, *peers])]
     missing = [name for name in chosen if args.rerun or not (ROOT / "results" / folder / name / "results.json").exists()]
-    if args.no_run or not missing:
+    if args.no_run:
         return
     if any(name in peers for name in missing):
         if not peer_python(args.peer_venv).exists():
@@ -134,6 +146,18 @@ def run_missing(args, folder: str, rows: dict, peers: dict):
     for name in missing:
         runner = peer_command(args.table, name, args.peer_venv) if name in peers else command(args.table, name)
         subprocess.run(runner, cwd=ROOT, check=True)
+    for name in chosen:  # a peer checkpoint saved but not yet scored (or scored again with --rerun)
+        if name in peers and peers[name][2] and (args.rerun or read_peer_row(folder, name) is None):
+            subprocess.run(checkpoint_eval_command(args.table, name), cwd=ROOT, check=True)
+
+
+def read_peer_row(folder: str, name: str) -> dict | None:
+    """The peer's results, with the perplexities of its checkpoint's evaluation when it skipped its own."""
+    result = read_row(folder, name)
+    scored = read_row(folder, f"{name}/eval")
+    if result is not None and "ppl" not in result:
+        return None if scored is None else {**result, "ppl": scored["ppl"]}
+    return result
 
 
 def read_row(folder: str, name: str) -> dict | None:
@@ -166,7 +190,7 @@ def blocks_table(args, folder: str, rows: dict, peers: dict) -> list[dict]:
     """Each of our rows followed by llm-compressor's matching row: perplexity, its gap to FP32 (our FP32 row,
     else the peer's), the ratio of our perplexity to the peer's, calibration seconds and peak memory."""
     ours = {name: read_row(folder, name) for name in rows}
-    theirs = {name: read_row(folder, name) for name in peers}
+    theirs = {name: read_peer_row(folder, name) for name in peers}
     fp32 = ours["fp32"] or theirs["peer_fp32"]
     datasets = our_settings(args.table).eval_ppl
     entries = []
@@ -203,7 +227,9 @@ def write_table(folder: str, table: list[dict], note: str):
 
 BLOCKS_NOTE = ("Quantized: every decoder linear (W4A4, or W4A16 for NVFP4A16); embedding and lm_head stay full "
                "precision in every row, ours and llm-compressor's (its default ignore=['lm_head']). gap = ppl - FP32 "
-               "ppl; ours/peer = our perplexity / llm-compressor's on the same scheme and method.")
+               "ppl; ours/peer = our perplexity / llm-compressor's on the same scheme and method. llm-compressor's "
+               "quantized rows: its oneshot calibration and saved checkpoint, scored by main.py reading that "
+               "checkpoint (weights decoded bit for bit, inputs quantized as its config states).")
 
 
 def main():

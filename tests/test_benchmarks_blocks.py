@@ -87,3 +87,15 @@ def test_the_blocks_table_pairs_our_rows_with_the_peer_rows(monkeypatch, tmp_pat
     assert (ours["calibration s"], table[3]["calibration s"]) == (10.0, 40.0)
     assert table[3]["ours/peer abcnews"] is None and table[4]["ours/peer abcnews"] is None
     assert table[3]["command"].split()[1:3] == ["benchmarks/peer_llmcompressor.py", "--model"]
+
+
+def test_a_peer_checkpoint_is_scored_on_the_tables_windows_without_calibration_flags():
+    """llm-compressor's checkpoint is read as it is (main.py refuses calibration flags there) on the perplexity
+    windows our rows use."""
+    from benchmarks.smollm2_table import checkpoint_eval_command, command
+    ours = main.build_parser().parse_args(command("blocks", "nvfp4_rtn")[2:])
+    argv = checkpoint_eval_command("blocks", "peer_nvfp4_rtn")[2:]
+    peer = main.build_parser().parse_args(argv)
+    assert peer.model_args == "pretrained=results/blocks_table/peer_nvfp4_rtn/checkpoint"
+    assert (peer.eval_ppl, peer.ppl_seqlen, peer.ppl_limit) == (ours.eval_ppl, ours.ppl_seqlen, ours.ppl_limit)
+    assert not {"--calib_dataset", "--calib_seqlen", "--calib_size", "--quant_config"} & set(argv)
