@@ -177,3 +177,9 @@ def test_settings_a_named_format_cannot_honour_are_refused(changes, message):
         method_for(flat_config(**changes))
     with pytest.raises(UsageError, match="replace the Hadamard"):
         method_for(flat_config(block={"hadamard": True}))
+
+
+def test_a_block_that_does_not_divide_a_layer_is_refused_before_training(calib_ids):
+    config = flat_config(block={"format": "W4A4_G128"})  # groups of 128; the tiny model's layers read 64 inputs
+    with pytest.raises(UsageError, match="blocks of 128 do not divide the 64 inputs of model.layers.0"):
+        calibrate(config, calib_ids)

@@ -187,11 +187,12 @@ def calibrate_formats(model, config: QuantConfig, calib_data: torch.Tensor, adap
                            release_originals, config.feed_quantized, restored_blocks, after_block)
 
 
-def check_block_sizes(model, config: QuantConfig):
-    """Refuse, before any work, a format whose block (or group) does not divide a quantized layer's inputs."""
+def check_block_sizes(model, config: QuantConfig, modules: dict | None = None):
+    """Refuse, before any work, a format whose block (or group) does not divide a quantized layer's inputs: the
+    model's wrapped modules, or `modules` {path: linear or embedding} (FlatQuant's, before it wraps them)."""
     size = config.scheme("weight").group_size
-    for name, module in quant_modules(model).items():
-        width = module.in_features if isinstance(module, QuantLinear) else module.embedding_dim
+    for name, module in (quant_modules(model) if modules is None else modules).items():
+        width = module.embedding_dim if isinstance(module, (QuantEmbedding, nn.Embedding)) else module.in_features
         if width % size:
             raise UsageError(f"{config.block.format} blocks of {size} do not divide the {width} inputs of {name}; "
                              "choose another --format")

@@ -33,7 +33,7 @@ from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_fact
 
 from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, model_dims
 from .models import get_module, same_model, set_module
-from .block_formats import BlockFormatStep
+from .block_formats import BlockFormatStep, check_block_sizes
 from .pipeline import (CalibrationReport, PeakMemory, capture_block_inputs, capture_linear_inputs, record_inputs,
                        run_block, set_quantized)
 from .errors import UsageError, UserError
@@ -535,6 +535,9 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
         else:
             saved = read_matrices(matrix_path, metadata)
     blocks = get_module(model, adapter.layers)
+    if config.block is not None:
+        check_block_sizes(model, config, {f"{adapter.layers}.{name}": module for name, module in blocks.named_modules()
+                                          if isinstance(module, nn.Linear)})
     if mode == "reload" and len(saved) < len(blocks):
         raise MatrixFileError(f"{matrix_path} holds {len(saved)} of {len(blocks)} blocks; use --resume to finish it")
     if min(flat.q_bits, flat.k_bits, flat.v_bits) < 16:
