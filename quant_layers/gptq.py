@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockQuantizer
-from .quantizers import FPQuantizer, IntQuantizer
+from .quantizers import FPQuantizer, IntQuantizer, PermutedColumns
 
 QuantizerFactory = Callable[[torch.Tensor], nn.Module]
 DAMPING_RETRIES = 3  # each retry multiplies the damping by 10
@@ -62,16 +62,19 @@ class GPTQResult:
     group_index: torch.Tensor  # [in] long: the group of each column, in the weight's column order
     loss: float  # see gptq_quantize and rtn_quantize
 
-    def weight_quantizer(self) -> nn.Module | None:
-        """One quantizer holding every group's range (per row, or per row x group of consecutive columns), on
-        whose grid `weight` lies; None when act-order with dynamic groups scattered a group's columns."""
+    def weight_quantizer(self) -> nn.Module:
+        """One quantizer holding every group's range (per row, or per row x group), on whose grid `weight` lies.
+        Groups whose columns act-order scattered are runs of a column order: a PermutedColumns quantizer."""
         if len(self.quantizers) == 1:
             return self.quantizers[0]
         size = self.group_index.numel() // len(self.quantizers)
+        merged = merge_row_quantizers(self.quantizers, size)
         positions = torch.arange(self.group_index.numel(), device=self.group_index.device)
-        if not torch.equal(self.group_index, positions // size):
-            return None
-        return merge_row_quantizers(self.quantizers, size)
+        if torch.equal(self.group_index, positions // size):
+            return merged
+        # a stable sort by group keeps each group's columns in their processing order; any order within a
+        # group would do, since a group's range is the same for all its columns
+        return PermutedColumns(merged, torch.argsort(self.group_index, stable=True))
 
 
 def merge_row_quantizers(quantizers: list[nn.Module], group_size: int) -> nn.Module:

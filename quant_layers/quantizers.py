@@ -168,6 +168,31 @@ class IntQuantizer(nn.Module):
                 + (f", groups of {self.group_size}" if self.group_size else ""))
 
 
+class PermutedColumns(nn.Module):
+    """Groups that are runs of a column order rather than of the columns themselves (GPTQ with act-order builds
+    a group from the next `group_size` columns it processes): `inner` quantizes x[..., order] in consecutive
+    groups, and the columns go back to their places. The order is what checkpoints call g_idx, spelt out."""
+
+    def __init__(self, inner: nn.Module, order: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("order", order.long())
+        self.register_buffer("inverse", torch.argsort(self.order))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x[..., self.order])[..., self.inverse]
+
+    def spec(self) -> Scheme:
+        return self.inner.spec()
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        codes, ranges = self.inner.encode(x[..., self.order])
+        return codes[..., self.inverse], ranges
+
+    def decode(self, codes: torch.Tensor, ranges: dict) -> torch.Tensor:
+        return self.inner.decode(codes[..., self.order], ranges)[..., self.inverse]
+
+
 def _build_fp(scheme: Scheme, x):
     return FPQuantizer.minmax(None if scheme.dynamic else x, scheme.element, scheme.granularity, scheme.group_size)
 
@@ -194,6 +219,9 @@ def quantizer_to_state(q: nn.Module) -> tuple[dict, dict]:
         spec = {"kind": "int", "bits": q.bits, "symmetric": q.symmetric, "dynamic": q.dynamic,
                 "full_range": q.full_range}
         tensors = {k: v for k, v in (("scale", q.scale), ("zero", q.zero)) if v is not None}
+    elif isinstance(q, PermutedColumns):
+        spec, tensors = quantizer_to_state(q.inner)
+        return {"kind": "permuted", "inner": spec}, {"order": q.order} | {f"inner.{k}": v for k, v in tensors.items()}
     elif isinstance(q, BlockQuantizer):
         spec = {"kind": "block", "scheme": q.spec().to_dict()}
         tensors = {k: v for k, v in (("scale", q.scale), ("tensor_scale", q.tensor_scale)) if v is not None}
@@ -212,6 +240,9 @@ def quantizer_from_state(spec: dict, tensors: dict) -> nn.Module:
     if spec["kind"] == "int":
         return IntQuantizer(spec["bits"], spec["symmetric"], tensors.get("scale"), tensors.get("zero"),
                             spec["dynamic"], spec.get("full_range", False), spec.get("group_size", 0))
+    if spec["kind"] == "permuted":
+        inner = {k[len("inner."):]: v for k, v in tensors.items() if k.startswith("inner.")}
+        return PermutedColumns(quantizer_from_state(spec["inner"], inner), tensors["order"])
     if spec["kind"] == "block":
         scheme = Scheme.from_dict(spec["scheme"])
         return BlockQuantizer(scheme.element, scheme.group_size, scheme.scale, tensors.get("scale"),

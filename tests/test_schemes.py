@@ -1,4 +1,5 @@
 """Schemes as data, the quantizers they build, and integer codes (encode / decode)."""
+import json
 import pytest
 import torch
 
@@ -136,7 +137,17 @@ def test_gptq_ranges_survive_as_one_group_quantizer(element):
             columns = slice(16 * index, 16 * index + 16)
             assert torch.equal(quantizer(w)[:, columns], group_quantizer(w[:, columns]))
     scattered = gptq_quantize(w, accumulator.hessian, make, groupsize=16, act_order=True)
-    assert scattered.weight_quantizer() is None
+    quantizer = scattered.weight_quantizer()  # act-order's groups are runs of the processing order
+    assert quantizer.spec() == Scheme(element, "group", 16)
+    codes, ranges = quantizer.encode(scattered.weight)
+    assert torch.allclose(quantizer.decode(codes, ranges), scattered.weight, rtol=2 ** -22, atol=0)
+    assert torch.allclose(quantizer(scattered.weight), scattered.weight, rtol=2 ** -22, atol=0)
+    for index, group_quantizer in enumerate(scattered.quantizers):  # group k: the columns GPTQ took k-th
+        columns = torch.nonzero(scattered.group_index == index).flatten()
+        assert len(columns) == 16 and not torch.equal(columns, torch.arange(16 * index, 16 * index + 16))
+        assert torch.equal(quantizer(w)[:, columns], group_quantizer(w[:, columns]))
+    spec, tensors = quantizer_to_state(quantizer)  # and it is saved and read back as it is
+    assert torch.equal(quantizer_from_state(json.loads(json.dumps(spec)), tensors)(w), quantizer(w))
     assert gptq_quantize(w, accumulator.hessian, make).weight_quantizer().spec() == Scheme(element, "row")
 
 
