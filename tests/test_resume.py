@@ -128,3 +128,25 @@ def test_ctrl_c_during_flatquant_names_the_blocks_in_the_matrix_file(monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and err[-1] == (f"interrupted: FlatQuant calibration interrupted; 1 of 2 blocks are saved in "
                                        f"{matrices}; rerun the same command with --resume to continue")
+
+
+def test_reuse_takes_only_a_finished_file_of_the_same_settings(calib_ids, tmp_path):
+    """--reuse_params loads a finished file as this run's result: one calibrated on the previous block's FP output is
+    not the result of a run fed quantized outputs (and the two settings have their own default files)."""
+    from utils.methods import ParamFile, method_for
+    from utils.calibrate import quantize
+    from utils.params import read_metadata
+    path, calib = tmp_path / "p.safetensors", calib_ids
+    fp_fed, quantized_fed = small("FPQ_config_llama"), small("FPQ_config_llama", feed_quantized=True)
+    model = tiny_llama()
+    fingerprint = model_fingerprint(model)
+    quantize(model, fp_fed, calib, files=ParamFile(path, "calibrate", "tiny", fingerprint, EXTRA))
+    report = quantize(tiny_llama(), fp_fed, calib, files=ParamFile(path, "resume", "tiny", fingerprint, EXTRA))
+    assert report.loaded and read_metadata(path)["config"]["feed_quantized"] is False
+    with pytest.raises(ParamFileError, match="other settings \\(config.*--reuse_params"):
+        quantize(tiny_llama(), quantized_fed, calib, files=ParamFile(path, "resume", "tiny", fingerprint, EXTRA))
+    for method_name in ("FPQ_config_llama", "NVFP4_GPTQ_config"):
+        config = load_config(method_name)
+        paths = {method_for(c).default_path("root", c, "tiny", fingerprint, "calib")
+                 for c in (config, replace(config, feed_quantized=True))}
+        assert len(paths) == 2

@@ -33,11 +33,7 @@ def restore_progress(path: Path, model, config, adapter, extra: dict, fingerprin
     """Install the blocks an interrupted run of the same settings saved at `path`; returns how many."""
     if not path.exists():
         return 0
-    meta = read_metadata(path)
-    for key, wanted in (("config", config.to_dict()), *extra.items()):
-        if meta.get(key) != _as_json(wanted):
-            raise ParamFileError(f"{path} was calibrated with other settings ({key}: {meta.get(key)}); drop --resume "
-                                 "to start over, or pass the settings it was started with")
+    meta = check_same_run(path, config, extra)
     blocks = len(get_module(model, adapter.layers))
     done = meta.get("partial", {}).get("blocks_done", blocks)
     if not isinstance(done, int) or not 0 <= done <= blocks or not _modules_of(done, model, config, adapter) <= set(
@@ -45,6 +41,17 @@ def restore_progress(path: Path, model, config, adapter, extra: dict, fingerprin
         raise ParamFileError(f"{path} claims {done} finished blocks that it does not hold; drop --resume to start over")
     load_params(path, model, config, partial_ok=True, fingerprint=fingerprint)
     return done
+
+
+def check_same_run(path: Path, config, extra: dict) -> dict:
+    """The metadata of `path`, refused unless it was calibrated with exactly this config and calibration data (a file
+    continued by --resume, or taken as this run's result by --reuse_params)."""
+    meta = read_metadata(path)
+    for key, wanted in (("config", config.to_dict()), *extra.items()):
+        if meta.get(key) != _as_json(wanted):
+            raise ParamFileError(f"{path} was calibrated with other settings ({key}: {meta.get(key)}); drop --resume "
+                                 "/ --reuse_params to calibrate anew, or pass the settings it was made with")
+    return meta
 
 
 def _modules_of(done: int, model, config, adapter) -> set:
@@ -102,6 +109,8 @@ def calibrate_or_load(model, config, calib, adapter, files, calibrate, load, rel
     file in mode "resume". Returns the CalibrationReport, naming the file."""
     finished = files.path.exists() and not is_unfinished(files.path)
     if files.mode == "reload" or (files.mode == "resume" and finished):
+        if files.mode == "resume":  # reused as this run's result: only a file of these very settings
+            check_same_run(files.path, config, files.extra)
         load()
         if release:
             release_originals(model)
