@@ -301,7 +301,8 @@ def _act_quantizer(config):
     flat, clip = config.flat, "scalar" if config.flat.lac else None
     if config.block is not None:
         scheme = config.scheme("input")
-        return None if scheme is None else LearnableBlockQuantizer(scheme, clip)
+        batch_max = lambda amax: distributed.reduce(amax, distributed.MAXIMUM)  # noqa: E731  (each rank holds a share)
+        return None if scheme is None else LearnableBlockQuantizer(scheme, clip, batch_max)
     return DynamicQuantizer(_element(config, "a", config.a_bits), not flat.a_asym, clip=clip) if config.a_bits < 16 else None
 
 
