@@ -105,5 +105,6 @@ def search_input_tensor_scale(act: BlockQuantizer, inputs: torch.Tensor, weight:
         return split.sum(torch.stack([(with_scale(g)(x) @ quantized_weight.T - target).square().sum()
                                       for g in candidates[:, 0]]))[:, None]
 
-    index, _ = grid_argmin(loss, gammas, 1, settings.strategy, samples * x.shape[1], budget_elements(settings, x.device))
+    index, _ = grid_argmin(loss, gammas, 1, settings.strategy, samples * x.shape[1],
+                           budget_elements(settings, x.device))
     return with_scale(gammas[index[0]])

@@ -193,6 +193,7 @@ def test_torchrun_on_smollm2_writes_the_single_process_file(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert main.main(args("one")) == 0
     assert_same_file(tmp_path / "one.safetensors", tmp_path / "two.safetensors", exact=True)
-    one, two = (json.loads((tmp_path / n / "results.json").read_text())["ppl"]["enwiki-heldout"] for n in ("one", "two"))
+    one, two = (json.loads((tmp_path / n / "results.json").read_text())["ppl"]["enwiki-heldout"]
+                for n in ("one", "two"))
     assert one == two
     assert done.stdout.count("perplexity enwiki-heldout") == 1  # rank 0 alone reports

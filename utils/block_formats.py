@@ -190,8 +190,9 @@ def calibrate_formats(model, config: QuantConfig, calib_data: torch.Tensor, adap
                       restored_blocks: int = 0, after_block=None) -> CalibrationReport:
     """Calibrate `model` in place for a named-format `config` on token windows `calib_data` [N, T]."""
     adapter = prepare_formats(model, config, adapter)
-    return calibrate_model(model, BlockFormatStep(config, calib_data.shape[1]), calib_data, adapter, batch_size, progress,
-                           release_originals, config.feed_quantized, restored_blocks, after_block)
+    step = BlockFormatStep(config, calib_data.shape[1])
+    return calibrate_model(model, step, calib_data, adapter, batch_size, progress, release_originals,
+                           config.feed_quantized, restored_blocks, after_block)
 
 
 def check_block_sizes(model, config: QuantConfig, modules: dict | None = None):

@@ -88,6 +88,10 @@ def reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return work.to(tensor.dtype)
 
 
+def maximum(tensor: torch.Tensor) -> torch.Tensor:
+    return reduce(tensor, MAXIMUM)
+
+
 def total(value: int | float) -> int | float:
     """A number summed over the ranks (token counts, losses)."""
     return type(value)(reduce(torch.tensor(value, dtype=torch.float64)).item()) if active() else value
@@ -100,8 +104,7 @@ def token_split(tokens: int, window: int) -> TokenSplit:
         return TokenSplit()
     local = torch.arange(tokens)
     positions = ((local // window) * world_size() + rank()) * window + local % window
-    return TokenSplit(total=total(tokens), positions=positions, sum=reduce,
-                      max=lambda tensor: reduce(tensor, MAXIMUM))
+    return TokenSplit(total=total(tokens), positions=positions, sum=reduce, max=maximum)
 
 
 def sum_gradients(parameters):

@@ -301,8 +301,8 @@ def _act_quantizer(config):
     flat, clip = config.flat, "scalar" if config.flat.lac else None
     if config.block is not None:
         scheme = config.scheme("input")
-        batch_max = lambda amax: distributed.reduce(amax, distributed.MAXIMUM)  # noqa: E731  (each rank holds a share)
-        return None if scheme is None else LearnableBlockQuantizer(scheme, clip, batch_max)
+        # each data-parallel rank holds a share of the batch whose maximum sets the NVFP4 tensor scale
+        return None if scheme is None else LearnableBlockQuantizer(scheme, clip, distributed.maximum)
     return DynamicQuantizer(_element(config, "a", config.a_bits), not flat.a_asym, clip=clip) if config.a_bits < 16 else None
 
 
@@ -349,7 +349,7 @@ def _group_input_absmax(block, adapter, hidden, call_kwargs):
         a = x.abs().reshape(-1, x.shape[-1]).amax(0)
         maxima[name] = a if maxima[name] is None else torch.maximum(maxima[name], a)
     out = record_inputs(block, heads, hidden, call_kwargs, record)
-    return out, [distributed.reduce(maxima[name], distributed.MAXIMUM) for name in heads]
+    return out, [distributed.maximum(maxima[name]) for name in heads]
 
 
 def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs) -> list[float]:

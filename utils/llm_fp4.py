@@ -103,7 +103,8 @@ def calibrate_blocks(model, config: QuantConfig, calib_data: torch.Tensor, adapt
     """Calibrate `model` in place for the LLM-FP4 `config` on token windows `calib_data` [N, T] (see
     pipeline.calibrate_model for resuming)."""
     adapter = prepare_model(model, config, adapter)
-    return calibrate_model(model, LLMFP4Step(config, calib_data.shape[1]), calib_data, adapter, batch_size, progress, release_originals,
+    step = LLMFP4Step(config, calib_data.shape[1])
+    return calibrate_model(model, step, calib_data, adapter, batch_size, progress, release_originals,
                            config.feed_quantized, restored_blocks, after_block)
 
 
