@@ -43,7 +43,11 @@ CASES = {
     "nvfp4_gptq": ("NVFP4_GPTQ_config", (4, 32), False, False),
     "nvfp4_search": ("NVFP4_search_config", (4, 32), False, False),  # sampled tokens for the input tensor scale
     "flatquant": ("FlatQuant_config_llama", (4, 32), True, False),
+    "flatquant_nvfp4": ("NVFP4_FlatQuant_config", (4, 32), True, False),  # the batch's maximum sets a tensor scale
 }
+# short recipes: INT 2 epochs of 2 steps of 2 windows; NVFP4 one step of 4 windows (more steps amplify last-bit
+# differences through the rounded block scales: 6e-3 after 4 steps, also in float64)
+FLAT_RECIPES = {"flatquant": {"epochs": 2, "cali_bsz": 2}, "flatquant_nvfp4": {"epochs": 1, "cali_bsz": 4}}
 
 
 def free_port() -> int:
@@ -55,8 +59,8 @@ def free_port() -> int:
 def case_config(case):
     config = load_config(CASES[case][0])
     config = replace(config, search=replace(config.search, n_candidates=12, rounds=1, act_search_tokens=40))
-    if config.flat is not None:  # a short recipe: 2 epochs of 2 steps of 2 windows
-        config = replace(config, flat=replace(config.flat, epochs=2, nsamples=4, cali_bsz=2))
+    if config.flat is not None:
+        config = replace(config, flat=replace(config.flat, nsamples=4, **FLAT_RECIPES[case]))
     return config
 
 
