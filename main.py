@@ -296,7 +296,10 @@ def run(args) -> dict:
         config = reference_file_config(args, config)
     if config is not None:
         from utils.methods import method_for
-        method_for(config)  # a config the method cannot run is refused before the model loads
+        method = method_for(config)  # a config the method cannot run is refused before the model loads
+        mode = "reload" if args.only_eval or args.reload_matrix else "calibrate"
+        # and so is a calibration set that the data-parallel processes cannot share
+        distributed.check_windows(method.calibration_windows(config, args.calib_size, mode))
         check_param_file_settings(args, config)
     folder = output_folder(args, name)
     check_param_output(args, config)

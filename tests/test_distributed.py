@@ -8,6 +8,8 @@ on the summation order: measured bit-identical here too, and held to at most 1% 
 rounding (straight-through), which amplifies last-bit differences of the summed gradients: on a float64 model its
 matrices agree to 1e-4 (measured 1.5e-5, the float32 storage's rounding).
 """
+import contextlib
+import io
 import json
 import os
 import socket
@@ -100,6 +102,22 @@ def helper_checks(rank):
     assert distributed.total(rank + 1) == 3 and distributed.world_size() == 2 and distributed.is_main() == (rank == 0)
 
 
+def refused_before_loading(root):
+    """main.py under a process group: calibration windows that do not split over the ranks end the run in one
+    error line (exit 2) before the model loads (main.py ends the process group on its way out)."""
+    from utils import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad --calib_size was refused")
+    models.load_model = refuse
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main.main(["--quant_config", "MinMax_config_llama", "--device", "cpu", "--calib_size", "3",
+                          "--ptq_param_path", str(root / "refused.safetensors")])
+    assert code == 2 and err.getvalue() == ("error: 3 calibration windows do not split over 2 processes; pass a "
+                                            "--calib_size (or --nsamples) divisible by 2\n")
+
+
 def worker(rank, port, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -112,8 +130,9 @@ def worker(rank, port, root):
             torch.save(model.state_dict(), root / f"{case}_rank{rank}.pt")
         if rank == 0:
             (root / "ppl_2.json").write_text(json.dumps(perplexities))
+        refused_before_loading(root)
     finally:
-        dist.destroy_process_group()
+        distributed.stop()
 
 
 @pytest.fixture(scope="module")
