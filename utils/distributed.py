@@ -80,12 +80,18 @@ def local_batch(batch: int) -> int:
 
 def reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """`tensor` combined over the ranks (sum, MAXIMUM or MINIMUM), in its own dtype; the tensor itself without a
-    process group. Every rank receives the same values."""
+    process group. gloo and NCCL send every rank the same reduced values, which keeps the ranks' searches in step."""
     if not active():
         return tensor
-    work = tensor.detach().clone() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().double()
+    wide = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float64  # bf16 maxima exactly
+    work = tensor.detach().to(_backend_device(), wide, copy=True)
     dist.all_reduce(work, op)
-    return work.to(tensor.dtype)
+    return work.to(tensor.device, tensor.dtype)
+
+
+def _backend_device() -> torch.device:
+    """NCCL reduces GPU tensors only (counts and losses may live on the CPU); gloo reduces CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def maximum(tensor: torch.Tensor) -> torch.Tensor:
