@@ -3,8 +3,9 @@ windows, write the parameter file one process writes on all of them, and both ra
 
 Where only maxima are reduced (MinMax) the files are bit-identical by construction. Where sums are reduced (Grams,
 Hessians, search losses) the searched parameters are grid points and codes chosen by losses whose last bits depend
-on the summation order: measured bit-identical here too, and held to at most 1% of any tensor's entries differing
-(a near-tie decided by a last bit), with the perplexity equal to 4 significant digits. FlatQuant trains through
+on the summation order: measured bit-identical here except NVFP4_best_config's GPTQ (8 of o_proj's 4096 codes), and
+held to at most 1% of any tensor's entries differing (a near-tie decided by a last bit), with the perplexity equal to
+4 significant digits. FlatQuant trains through
 rounding (straight-through), which amplifies last-bit differences of the summed gradients: on a float64 model its
 matrices agree to 1e-4 (measured 1.5e-5, the float32 storage's rounding).
 """
@@ -44,6 +45,7 @@ CASES = {
     "fpq_direct": ("FPQ_config_llama", (4, 12), False, False),  # 48 tokens < 64 inputs: losses summed per token
     "nvfp4_gptq": ("NVFP4_GPTQ_config", (4, 32), False, False),
     "nvfp4_search": ("NVFP4_search_config", (4, 32), False, False),  # sampled tokens for the input tensor scale
+    "nvfp4_best": ("NVFP4_best_config", (4, 32), False, False),  # measured: 8 of o_proj's 4096 GPTQ codes differ
     "flatquant": ("FlatQuant_config_llama", (4, 32), True, False),
     "flatquant_nvfp4": ("NVFP4_FlatQuant_config", (4, 32), True, False),  # the batch's maximum sets a tensor scale
 }
