@@ -284,18 +284,22 @@ def run(args) -> dict:
     from utils.hub import hub_offline
     offline = hub_offline()  # before the hub libraries are imported: offline, hub names fail at once
     import torch
-    from utils import data, evaluation, models, params
+    from utils import data, distributed, evaluation, models, params
     from utils.report import check_finite_results, format_table, write_results
 
     model_args = models.parse_model_args(args.model_args)
     name, device = model_args["pretrained"], resolve_device(args.device)
+    device = distributed.start_from_environment(device)  # under torchrun: one rank of data-parallel calibration
     checkpoint = quantized_checkpoint(args)  # a compressed-tensors folder: evaluated as it is
     config = None if args.fp_only or checkpoint else make_config(args)
     if config is not None and args.only_eval and Path(args.ptq_param_path or "").suffix == ".pt":
         config = reference_file_config(args, config)
     if config is not None:
         from utils.methods import method_for
-        method_for(config)  # a config the method cannot run is refused before the model loads
+        method = method_for(config)  # a config the method cannot run is refused before the model loads
+        mode = "reload" if args.only_eval or args.reload_matrix else "calibrate"
+        # and so is a calibration set that the data-parallel processes cannot share
+        distributed.check_windows(method.calibration_windows(config, args.calib_size, mode))
         check_param_file_settings(args, config)
     folder = output_folder(args, name)
     check_param_output(args, config)
@@ -325,6 +329,8 @@ def run(args) -> dict:
     reference = figure_reference(args, config, model, tokenizer) if args.plots else None
     if config is not None:
         result.update(quantize_model(args, config, model, tokenizer, name))
+    if not distributed.is_main():  # the other ranks helped calibrate; rank 0 holds the same model and reports
+        return result
     if args.save_compressed:
         from utils.export import export
         result["compressed_checkpoint"] = str(export(model, args.save_compressed, tokenizer, config, model_name=name))
@@ -425,10 +431,17 @@ def quantize_model(args, config, model, tokenizer, name) -> dict:
              if reads else None)
     extra = {"calibration": {"dataset": args.calib_dataset, "size": windows, "seqlen": args.calib_seqlen,
                              "seed": args.seed}}
+    from utils.distributed import is_main
     report = quantize(model, config, calib, files=ParamFile(path, mode, name, fingerprint, extra),
-                      release_originals=True)
+                      release_originals=True, progress=is_main())
     print(f"quantization parameters: {report.param_path} ({'loaded' if report.loaded else mode})")
     return {"param_path": report.param_path, **({} if report.loaded else {"calibration": report.to_dict()})}
+
+
+def stop_process_group():
+    if "torch.distributed" in sys.modules:  # torch itself is not imported by runs refused early
+        from utils.distributed import stop
+        stop()
 
 
 def main(argv=None):
@@ -448,6 +461,8 @@ def main(argv=None):
     except KeyboardInterrupt as interrupt:  # Ctrl-C: what was saved and how to continue, no traceback
         print(f"interrupted: {str(interrupt) or 'Ctrl-C'}", file=sys.stderr)
         return 130
+    finally:
+        stop_process_group()
     print(f"total time {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .blocks import BlockQuantizer, nvfp4_tensor_scale
 from .schemes import BLOCK_SCALES, Scheme, make_quantizer
-from .search import SearchSettings, budget_elements, grid_argmin, token_sample
+from .search import LOCAL, SearchSettings, TokenSplit, budget_elements, grid_argmin, token_sample
 
 
 def weight_quantizer(scheme: Scheme, w: torch.Tensor, *, tensor_scale: torch.Tensor | None = None,
@@ -82,15 +82,18 @@ def search_clip(weight: torch.Tensor, error: OutputError, build, settings: Searc
 
 
 def search_input_tensor_scale(act: BlockQuantizer, inputs: torch.Tensor, weight: torch.Tensor,
-                              quantized_weight: torch.Tensor, settings: SearchSettings) -> BlockQuantizer:
+                              quantized_weight: torch.Tensor, settings: SearchSettings,
+                              split: TokenSplit = LOCAL) -> BlockQuantizer:
     """The activation side of the search for NVFP4 inputs, whose only static parameter is the FP32 tensor scale:
     gamma times the inputs' maximum sets it, gamma on the settings' grid minimising the output error
     ||X W' - Xq(gamma) Q'||^2 over `act_search_tokens` of the inputs, summed over every layer that reads them
     (W, Q: their full-precision and quantized weights stacked by rows). A smaller gamma clips the largest blocks
     at E4M3's maximum and gives the others finer block scales. Returns a dynamic quantizer like `act` with the
-    chosen tensor scale; gamma = 1 is the calibrated maximum's (RTN's), computed in the inputs' dtype as RTN does."""
-    amax = inputs.detach().abs().amax()
-    x = token_sample(inputs, settings.act_search_tokens, settings.seed).float()
+    chosen tensor scale; gamma = 1 is the calibrated maximum's (RTN's), computed in the inputs' dtype as RTN does.
+    Under a data-parallel `split` the maximum and the losses are over every worker's tokens."""
+    amax = split.max(inputs.detach().abs().amax())
+    x = token_sample(inputs, settings.act_search_tokens, settings.seed, split).float()
+    samples = split.sampled(inputs.shape[0], settings.act_search_tokens)
     target, quantized_weight = x @ weight.float().T, quantized_weight.float()
     gammas = settings.gammas().to(x.device)
 
@@ -99,8 +102,9 @@ def search_input_tensor_scale(act: BlockQuantizer, inputs: torch.Tensor, weight:
                               tensor_scale=nvfp4_tensor_scale((amax.float() * gamma).to(amax.dtype), fmt=act.fmt))
 
     def loss(candidates, _rows):  # candidates [C, 1]: the whole tensor is one "row"
-        return torch.stack([(with_scale(g)(x) @ quantized_weight.T - target).square().sum()
-                            for g in candidates[:, 0]])[:, None]
+        return split.sum(torch.stack([(with_scale(g)(x) @ quantized_weight.T - target).square().sum()
+                                      for g in candidates[:, 0]]))[:, None]
 
-    index, _ = grid_argmin(loss, gammas, 1, settings.strategy, x.numel(), budget_elements(settings, x.device))
+    index, _ = grid_argmin(loss, gammas, 1, settings.strategy, samples * x.shape[1],
+                           budget_elements(settings, x.device))
     return with_scale(gammas[index[0]])

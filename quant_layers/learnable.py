@@ -122,10 +122,12 @@ class LearnableBlockQuantizer(nn.Module):
 
     `clip`: None, "scalar" (one ratio for every block: LAC) or an int number of rows (one ratio per weight row:
     LWC; the deployed weight quantizer then takes sigmoid(clip_max) as its clip factor).
+    `batch_max`: the maximum of a batch that data-parallel workers share (the NVFP4 tensor scale is the batch's).
     """
 
-    def __init__(self, scheme: Scheme, clip=None):
+    def __init__(self, scheme: Scheme, clip=None, batch_max=None):
         super().__init__()
+        self.batch_max = batch_max or (lambda amax: amax)
         if scheme.granularity != "group" or scheme.scale not in ("e4m3", "e8m0"):
             raise ValueError(f"{scheme.name} is not a block-scaled format")
         self.fmt, self.block_size, self.encoding, self.rule = scheme.element, scheme.group_size, scheme.scale, scheme.rule
@@ -144,7 +146,7 @@ class LearnableBlockQuantizer(nn.Module):
             rounded = mx_scales(mx_scale_codes(target.detach(), self.fmt, self.rule))
             step = straight_through(target / 2 ** mx_exponent_offset(self.fmt), rounded)
         else:
-            tensor_scale = nvfp4_tensor_scale(blocks.detach().abs().amax(), fmt=self.fmt)
+            tensor_scale = nvfp4_tensor_scale(self.batch_max(blocks.detach().abs().amax()), fmt=self.fmt)
             rounded = e4m3_scales(amax.detach(), tensor_scale, self.fmt, None if clip is None else clip.detach())
             step = straight_through(tensor_scale * target / element_max(self.fmt), rounded) / tensor_scale
         return step.unsqueeze(-1)

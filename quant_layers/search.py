@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -117,12 +118,42 @@ def grid_argmin(loss_fn, gammas: torch.Tensor, rows: int, strategy: str, element
     return torch.cat(best_index), torch.cat(best_loss)
 
 
-def token_sample(inputs: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
-    """`count` rows of inputs [tokens, in] drawn without replacement by `seed`, in their order (all if None)."""
-    tokens = inputs.shape[0]
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """Where the calibration tokens a search sees lie when several data-parallel workers each hold a share of
+    them: how many there are in all, each local token's index among them, and how per-worker sums and maxima
+    over tokens combine. The default: every token is here."""
+    total: int | None = None  # every worker's tokens together (None: the local ones are all)
+    positions: torch.Tensor | None = None  # [local tokens] index of each among all, increasing (None: 0, 1, ...)
+    sum: Callable[[torch.Tensor], torch.Tensor] = _unchanged
+    max: Callable[[torch.Tensor], torch.Tensor] = _unchanged
+
+    def count(self, local: int) -> int:
+        return local if self.total is None else self.total
+
+    def sampled(self, local: int, count: int | None) -> int:
+        """How many tokens token_sample draws over all workers."""
+        tokens = self.count(local)
+        return tokens if count is None else min(count, tokens)
+
+
+LOCAL = TokenSplit()
+
+
+def token_sample(inputs: torch.Tensor, count: int | None, seed: int, split: TokenSplit = LOCAL) -> torch.Tensor:
+    """`count` rows of inputs [tokens, in] drawn without replacement by `seed`, in their order (all if None). Under
+    a `split` the draw is over every worker's tokens, and each keeps the drawn ones it holds: together the same
+    sample as one process holding all."""
+    tokens = split.count(inputs.shape[0])
     if count is None or count >= tokens:
         return inputs
     pick = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    if split.positions is not None:
+        return inputs[torch.isin(split.positions, pick).to(inputs.device)]
     return inputs[pick.to(inputs.device)]
 
 
@@ -162,7 +193,8 @@ class LinearSearch:
     """
 
     def __init__(self, weight: torch.Tensor, inputs: torch.Tensor, settings: SearchSettings,
-                 per_channel: bool, folded: bool = False, shared: dict | None = None, input_quantizer=None):
+                 per_channel: bool, folded: bool = False, shared: dict | None = None, input_quantizer=None,
+                 split: TokenSplit = LOCAL):
         if folded and not per_channel:
             raise ValueError("the folded pre-shifted bias needs per-channel activation biases")
         self.settings, self.per_channel, self.folded = settings, per_channel, folded
@@ -175,14 +207,21 @@ class LinearSearch:
         # Layers that read the same inputs (q/k/v, gate/up) pass one `shared` dict: the quantized-input
         # terms depend on the inputs and the activation state only, so they are computed once for all.
         self.shared = {} if shared is None else shared
-        self.channel_absmax = absmax(inputs, "channel").to(self.device)
+        # Data-parallel workers hold a share of the tokens each: every sum and maximum over tokens below goes
+        # through `split`, and every size that decides how work is chunked counts all tokens, so all workers
+        # take the same steps.
+        self.split = split
+        self.channel_absmax = split.max(absmax(inputs, "channel").to(self.device))
         self.tensor_absmax = self.channel_absmax.max()
+        self.tokens = split.count(inputs.shape[0])
         # With fewer tokens than input features the errors are cheaper to compute directly than through
         # in x in Gram matrices (e.g. a 7B block calibrated on few tokens).
-        self.direct = inputs.shape[0] < self.weight.shape[1]
+        self.direct = self.tokens < self.weight.shape[1]
         self.outputs = self._keep_outputs()
-        self.output_energy = self._output_energy()
-        self.sample = token_sample(inputs, settings.act_search_tokens, settings.seed).to(self.device, torch.float32)
+        self.output_energy = split.sum(self._output_energy())
+        self.sample = token_sample(inputs, settings.act_search_tokens, settings.seed, split).to(self.device,
+                                                                                               torch.float32)
+        self.samples = split.sampled(inputs.shape[0], settings.act_search_tokens)
         self._sample_out = None  # X W' on the sample, for the direct form of the activation search
         self.gammas = settings.gammas().to(self.device)
         self._terms_cache: dict = {}
@@ -271,7 +310,7 @@ class LinearSearch:
 
     def _output_energy(self):
         """||X w_r||^2 per row, the part of every row loss that no quantizer changes."""
-        (out_features, in_features), tokens = self.weight.shape, self.inputs.shape[0]
+        (out_features, in_features), tokens = self.weight.shape, self.tokens
         if self.outputs is not None:
             return self.outputs.pow(2).sum(0)
         if in_features * (tokens + out_features) < tokens * out_features:  # wide layers: w'(X'X)w is cheaper
@@ -291,7 +330,7 @@ class LinearSearch:
                 def gram(x, _):
                     xq = self.quantize_inputs(x, act)
                     return xq.T @ xq
-                self.shared[key] = self._accumulate(gram)
+                self.shared[key] = self.split.sum(self._accumulate(gram))
         return self.shared[key]
 
     def _act_terms(self, act: ActState):
@@ -309,7 +348,7 @@ class LinearSearch:
                 cross = (x @ self.weight.T).T.contiguous()
             else:
                 out_features, in_features = self.weight.shape
-                tokens = self.inputs.shape[0]
+                tokens = self.tokens
                 quant = lambda x: self.quantize_inputs(x, act)  # noqa: E731
                 # Xq'(X W') costs tokens*in*out with the outputs kept, twice that without; (Xq'X) W' costs
                 # tokens*in^2 + out*in^2
@@ -319,6 +358,7 @@ class LinearSearch:
                     cross = 2 * self._accumulate(lambda x, _: quant(x).T @ (x @ self.weight.T)).T
                 else:
                     cross = 2 * self.weight @ self._accumulate(lambda x, _: quant(x).T @ x).T
+                cross = self.split.sum(cross)
             self._terms_cache[key] = (self._input_term(act), cross)
         return self._terms_cache[key]
 
@@ -326,14 +366,14 @@ class LinearSearch:
         """||X w_r - Xq q_r||^2 per row for effective weights q [..., out, in] of the rows `rows`."""
         if self.direct:
             xq, out_t = self._act_terms(act)
-            return (q @ xq.T).sub_(out_t[rows]).pow_(2).sum(-1)
+            return self.split.sum((q @ xq.T).sub_(out_t[rows]).pow_(2).sum(-1))
         gq, cross2 = self._act_terms(act)  # q'Gq - 2 q'c + ||Xw||^2 = q'(Gq - 2c) + ||Xw||^2
         return (q @ gq).sub_(cross2[rows]).mul_(q).sum(-1).add_(self.output_energy[rows]).clamp_min(0)
 
     @property
     def row_cost(self) -> int:
         """Elements one candidate row occupies while its loss is computed."""
-        return max(self.weight.shape[1], self.inputs.shape[0] if self.direct else 0)
+        return max(self.weight.shape[1], self.tokens if self.direct else 0)
 
     def layer_loss(self, weight: WeightState, act: ActState) -> float:
         blocks = self.effective_blocks(weight, self.shift_of(act))
@@ -343,7 +383,7 @@ class LinearSearch:
         """loss(gamma [C]) -> output squared error on the token sample for activation multipliers gamma,
         with the effective weight held fixed (`blocks` from effective_blocks); `candidates` is about how
         many will be asked."""
-        samples, in_features = self.sample.shape
+        samples, in_features = self.samples, self.weight.shape[1]
         out_features = self.weight.shape[0]
 
         def quantized(gamma):
@@ -357,12 +397,13 @@ class LinearSearch:
 
             def direct(gamma):
                 xq = quantized(gamma)
-                return sum((xq @ q.T).sub_(self._sample_out[:, rows]).pow_(2).sum((-1, -2)) for rows, q in kept)
+                return self.split.sum(sum((xq @ q.T).sub_(self._sample_out[:, rows]).pow_(2).sum((-1, -2))
+                                          for rows, q in kept))
             return direct
         # Wide layers (gate/up, lm_head): ||Y - Xq W'||^2 = ||Y||^2 - 2<Xq, Y W> + <Xq W'W, Xq>, which costs
         # samples * in^2 per candidate instead of samples * in * out; Y = X W' is formed one row block at a time.
         gram = torch.zeros(in_features, in_features, device=self.device)
-        target2 = torch.zeros(samples, in_features, device=self.device)
+        target2 = torch.zeros(self.sample.shape[0], in_features, device=self.device)
         energy = torch.zeros((), device=self.device)
         for rows, q in blocks:
             out = self.sample @ self.weight[rows].T
@@ -372,7 +413,7 @@ class LinearSearch:
 
         def loss(gamma):
             xq = quantized(gamma)
-            return (xq @ gram).sub_(target2).mul_(xq).sum((-1, -2)).add_(energy).clamp_min(0)
+            return self.split.sum((xq @ gram).sub_(target2).mul_(xq).sum((-1, -2)).add_(energy)).clamp_min(0)
         return loss
 
     def _budget(self) -> int:
@@ -394,7 +435,7 @@ class LinearSearch:
         # weight (in folded form, quantized at the current shifts; the next weight step re-fits it).
         fixed = self.effective_blocks(weight, self.shift_of(act))
         loss = self.sample_loss_fn(fixed, fmt, candidates=self.gammas.numel())
-        size = self.sample.shape[0] * (self.weight.shape[1] + min(self.weight.shape))
+        size = self.samples * (self.weight.shape[1] + min(self.weight.shape))
         index, _ = grid_argmin(lambda g, _rows: loss(g[:, 0])[:, None], self.gammas, 1, self.settings.strategy,
                                size, 4 * self._budget(), start=self._last_index.get(("a", fmt)))
         self._last_index[("a", fmt)] = index

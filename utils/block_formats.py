@@ -22,8 +22,10 @@ from quant_layers.block_search import (OutputError, group_quantizer, search_clip
 from quant_layers.blocks import FOUR_OVER_SIX_E4M3_MAX, E4M3_MAX, nvfp4_tensor_scale
 from quant_layers.gptq import gptq_quantize
 from quant_layers.rotations import BlockHadamard
+from quant_layers.search import LOCAL, TokenSplit
 
 from .adapters import ModelAdapter
+from .distributed import input_maxima, token_split
 from .llm_fp4 import prepare_model
 from .errors import UsageError
 from .pipeline import CalibrationReport, calibrate_model, capture_linear_inputs, quant_modules
@@ -32,10 +34,11 @@ GRAM_CHUNK = 4096  # tokens per Gram-matrix update: bounds the quantized copy of
 
 
 class BlockFormatStep:
-    """pipeline.calibrate_model's step for a config with `block` settings."""
+    """pipeline.calibrate_model's step for a config with `block` settings, on calibration windows of `window`
+    tokens."""
 
-    def __init__(self, config: QuantConfig):
-        self.config, self.settings = config, config.block
+    def __init__(self, config: QuantConfig, window: int):
+        self.config, self.settings, self.window = config, config.block, window
         self.weight_scheme, self.input_scheme = config.block.schemes()
         # FlatQuant's folded weights choose GPTQ by their own setting (the method is then "flatquant")
         self.use_gptq = config.method == "gptq" or (config.flat is not None and config.flat.weight_quantizer == "gptq")
@@ -61,11 +64,12 @@ class BlockFormatStep:
         the searched ones when the search is on."""
         transform = next(iter(modules.values())).input_transform  # the Hadamard rotation, when asked for
         inputs = inputs if transform is None else transform(inputs)
-        act = make_quantizer(self.input_scheme, inputs) if self.input_scheme is not None else None
+        split = token_split(inputs.shape[0], self.window)
+        act = make_quantizer(self.input_scheme, input_maxima(inputs, split)) if self.input_scheme is not None else None
         tensor_scale = self.shared_tensor_scale([m.weight for m in modules.values()])
         if self.settings.searches_inputs():
-            act = self.search_inputs(modules, inputs, act, tensor_scale, clips)
-        grams = self.grams(inputs, act) if self.settings.search or self.use_gptq else None
+            act = self.search_inputs(modules, inputs, act, tensor_scale, clips, split)
+        grams = self.grams(inputs, act, split) if self.settings.search or self.use_gptq else None
         report = {}
         for path, module in modules.items():
             module.act_quantizer = None if act is None else copy.deepcopy(act)  # each module saves its own
@@ -80,8 +84,9 @@ class BlockFormatStep:
         return torch.stack([nvfp4_tensor_scale(w.detach().abs().amax(), aim) for w in weights]).min()
 
     @staticmethod
-    def grams(inputs: torch.Tensor, act: nn.Module | None) -> dict:
-        """X'X, Xq'X and Xq'Xq over the calibration tokens (Xq: the inputs as the input quantizer leaves them)."""
+    def grams(inputs: torch.Tensor, act: nn.Module | None, split: TokenSplit = LOCAL) -> dict:
+        """X'X, Xq'X and Xq'Xq over the calibration tokens (Xq: the inputs as the input quantizer leaves them), summed
+        over every data-parallel rank's tokens."""
         features = inputs.shape[-1]
         grams = {key: torch.zeros(features, features, device=inputs.device) for key in ("xx", "qx", "qq")}
         for start in range(0, inputs.shape[0], GRAM_CHUNK):
@@ -90,11 +95,12 @@ class BlockFormatStep:
             grams["xx"].addmm_(x.T, x)
             grams["qx"].addmm_(xq.T, x)
             grams["qq"].addmm_(xq.T, xq)
-        grams["tokens"] = inputs.shape[0]
+        grams = {key: split.sum(gram) for key, gram in grams.items()}
+        grams["tokens"] = split.count(inputs.shape[0])
         return grams
 
     def search_inputs(self, modules: dict[str, QuantLinear], inputs: torch.Tensor, act: nn.Module,
-                      tensor_scale, clips: dict | None) -> nn.Module:
+                      tensor_scale, clips: dict | None, split: TokenSplit) -> nn.Module:
         """LLM-FP4's alternation for NVFP4 inputs, `rounds` times: the input tensor scale searched for the weights
         as they stand (RTN's at first, then those whose clip was searched for the previous round's inputs)."""
         weights = [module.weight.detach().float() for module in modules.values()]
@@ -103,11 +109,12 @@ class BlockFormatStep:
                    | ({} if clip is None else {"clip": clip}) for clip in given]
         for round_index in range(self.config.search.rounds):
             if round_index:
-                grams = self.grams(inputs, act)
+                grams = self.grams(inputs, act, split)
                 options = [self.weight_options(w, tensor_scale, self.output_error(w, grams), clip)
                            for w, clip in zip(weights, given)]
             quantized = [weight_quantizer(self.weight_scheme, w, **o)(w) for w, o in zip(weights, options)]
-            act = search_input_tensor_scale(act, inputs, torch.cat(weights), torch.cat(quantized), self.config.search)
+            act = search_input_tensor_scale(act, inputs, torch.cat(weights), torch.cat(quantized), self.config.search,
+                                            split)
         return act
 
     @staticmethod
@@ -183,8 +190,9 @@ def calibrate_formats(model, config: QuantConfig, calib_data: torch.Tensor, adap
                       restored_blocks: int = 0, after_block=None) -> CalibrationReport:
     """Calibrate `model` in place for a named-format `config` on token windows `calib_data` [N, T]."""
     adapter = prepare_formats(model, config, adapter)
-    return calibrate_model(model, BlockFormatStep(config), calib_data, adapter, batch_size, progress,
-                           release_originals, config.feed_quantized, restored_blocks, after_block)
+    step = BlockFormatStep(config, calib_data.shape[1])
+    return calibrate_model(model, step, calib_data, adapter, batch_size, progress, release_originals,
+                           config.feed_quantized, restored_blocks, after_block)
 
 
 def check_block_sizes(model, config: QuantConfig, modules: dict | None = None):

@@ -12,6 +12,7 @@ import torch
 
 from configs import QuantConfig
 
+from . import distributed
 from .adapters import ModelAdapter
 from .llm_fp4 import calibrate_linear, prepare_model  # noqa: F401  (public library names)
 from .methods import ParamFile, method_for
@@ -30,7 +31,12 @@ def quantize(model, config: QuantConfig, calib_data: torch.Tensor | None, adapte
     full-precision weight once calibrated (one copy of the weights in memory instead of two; the model can no
     longer run unquantized: take `model_fingerprint` before, if needed). With `files` the method writes its
     parameters there as blocks finish, continues an unfinished file (mode "resume") or only loads it ("reload").
+
+    Under an initialised torch.distributed process group each rank calibrates on its share of the windows (every
+    rank calls this with the same `calib_data`), the ranks end with the same parameters, and rank 0 writes the
+    files (utils/distributed.py).
     """
+    calib_data = distributed.local_windows(calib_data)
     if files is not None and files.fingerprint is None:  # taken now: methods such as GPTQ change the weights
         files = replace(files, fingerprint=model_fingerprint(model))
     return method_for(config).quantize(model, config, calib_data, adapter, files, batch_size=batch_size,

@@ -31,6 +31,7 @@ from quant_layers.gptq import HessianAccumulator, HessianNotPositiveDefinite, gp
 from quant_layers.learnable import DynamicQuantizer, LearnableBlockQuantizer, WeightClip
 from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_factor, kronecker_factors, make_factor
 
+from . import distributed
 from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, model_dims
 from .models import get_module, same_model, set_module
 from .block_formats import BlockFormatStep, check_block_sizes
@@ -300,7 +301,8 @@ def _act_quantizer(config):
     flat, clip = config.flat, "scalar" if config.flat.lac else None
     if config.block is not None:
         scheme = config.scheme("input")
-        return None if scheme is None else LearnableBlockQuantizer(scheme, clip)
+        # each data-parallel rank holds a share of the batch whose maximum sets the NVFP4 tensor scale
+        return None if scheme is None else LearnableBlockQuantizer(scheme, clip, distributed.maximum)
     return DynamicQuantizer(_element(config, "a", config.a_bits), not flat.a_asym, clip=clip) if config.a_bits < 16 else None
 
 
@@ -338,7 +340,8 @@ def _linear(weight, bias) -> nn.Linear:
 
 # ----- training -----
 def _group_input_absmax(block, adapter, hidden, call_kwargs):
-    """Full-precision block outputs and the per-channel |x| maximum of each linear group's input."""
+    """Full-precision block outputs and the per-channel |x| maximum of each linear group's input (over every
+    data-parallel rank's windows)."""
     heads = [group[0] for group in adapter.linear_groups]
     maxima = dict.fromkeys(heads)
 
@@ -346,11 +349,15 @@ def _group_input_absmax(block, adapter, hidden, call_kwargs):
         a = x.abs().reshape(-1, x.shape[-1]).amax(0)
         maxima[name] = a if maxima[name] is None else torch.maximum(maxima[name], a)
     out = record_inputs(block, heads, hidden, call_kwargs, record)
-    return out, [maxima[name] for name in heads]
+    return out, [distributed.maximum(maxima[name]) for name in heads]
 
 
 def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs) -> list[float]:
-    """AdamW over the block's trainable pieces; returns the mean loss per epoch."""
+    """AdamW over the block's trainable pieces; returns the mean loss per epoch.
+
+    Data-parallel: each rank's i-th batch is its share of the single-process i-th batch (windows are dealt
+    round-robin); the loss is normalised by the whole batch's and the gradients are summed over the ranks, so
+    every rank takes the single-process step."""
     groups = flat_block.param_groups(flat)
     if not groups or flat.epochs == 0:
         return []
@@ -358,7 +365,8 @@ def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs
         for p in group["params"]:
             p.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups)  # torch's default weight decay 0.01 applies, as in the reference
-    steps = flat.epochs * math.ceil(hidden.shape[0] / flat.cali_bsz)
+    batch = distributed.local_batch(flat.cali_bsz)
+    steps = flat.epochs * math.ceil(hidden.shape[0] / batch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=flat.flat_lr * 1e-3)
     if flat.warmup:
         warm = torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=16)
@@ -367,15 +375,18 @@ def train_block(flat_block: FlatBlock, block, flat, hidden, targets, call_kwargs
     with torch.enable_grad():
         for _ in range(flat.epochs):
             total = 0.0
-            for start in range(0, hidden.shape[0], flat.cali_bsz):
-                out = run_block(block, hidden[start:start + flat.cali_bsz], call_kwargs, flat.cali_bsz)
-                loss = F.mse_loss(out.float(), targets[start:start + flat.cali_bsz].float())
-                (loss / loss.detach()).backward()  # unit-scale gradient: one lr fits every layer (spec A.5)
+            for start in range(0, hidden.shape[0], batch):
+                out = run_block(block, hidden[start:start + batch], call_kwargs, batch)
+                loss = F.mse_loss(out.float(), targets[start:start + batch].float())
+                # unit-scale gradient: one lr fits every layer (spec A.5); the ranks' equal shares of the batch
+                # make the sum of their mean errors W times the batch's
+                (loss / distributed.reduce(loss.detach())).backward()
+                distributed.sum_gradients(flat_block.parameters())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
                 total += loss.item() * out.shape[0]
-            history.append(total / hidden.shape[0])
+            history.append(distributed.total(total) / (hidden.shape[0] * distributed.world_size()))
     for p in flat_block.parameters():
         p.requires_grad_(False)
     return history
@@ -404,19 +415,29 @@ def quantize_block_weights(block, adapter, config, hidden, call_kwargs) -> dict:
             if keep:
                 captured.append(x)
         record_inputs(block, group[:1], hidden, call_kwargs, record)
+        reduce_hessian(hessian)
         inputs, shared = (torch.cat(captured) if keep else None), {}
+        split = distributed.token_split(inputs.shape[0], hidden.shape[1]) if keep else None
         for name, module in zip(group, modules):
-            losses[name] = _quantize_weight(module, hessian, inputs, config, shared)
+            losses[name] = _quantize_weight(module, hessian, inputs, config, shared, split)
         captured.clear()  # free the group's inputs before the next group's pass
         del inputs
     return losses
+
+
+def reduce_hessian(hessian: HessianAccumulator):
+    """The accumulator's mean Hessian over every data-parallel rank's tokens (each rank holds its own tokens' mean)."""
+    tokens = distributed.total(hessian.tokens)
+    if tokens != hessian.tokens:
+        hessian.hessian.copy_(distributed.reduce(hessian.hessian * (hessian.tokens / tokens)))
+        hessian.tokens = tokens
 
 
 def quantize_format_weights(block, adapter, config, hidden, call_kwargs, clips: dict) -> dict:
     """A named format's weights and inputs, group by group in execution order: the block-format step's RTN, GPTQ
     or clip search on the folded weights (starting from the learned per-row clips), its dynamic input quantizer
     with NVFP4's tensor scale calibrated on the transformed inputs, fused groups sharing tensor scales."""
-    step, report = BlockFormatStep(config), {}
+    step, report = BlockFormatStep(config, hidden.shape[1]), {}
     for group in adapter.linear_groups:
         _, inputs = capture_linear_inputs(block, group[:1], hidden, call_kwargs, 1)
         modules = {name: block.get_submodule(name) for name in group}
@@ -425,13 +446,13 @@ def quantize_format_weights(block, adapter, config, hidden, call_kwargs, clips: 
     return report
 
 
-def _quantize_weight(module: QuantLinear, hessian: HessianAccumulator, inputs, config, shared) -> float:
+def _quantize_weight(module: QuantLinear, hessian: HessianAccumulator, inputs, config, shared, split) -> float:
     """Quantize one folded weight; the loss is the output error the weight quantization adds on the quantized
     inputs, ||Xq (W - Q)^T||^2 = N/2 tr((W - Q) H (W - Q)^T), comparable across RTN, GPTQ and the search."""
     flat, weight = config.flat, module.weight.detach().float()
     if flat.weight_quantizer == "fpq_search":
         search = LinearSearch(weight, inputs, config.search, per_channel=False, shared=shared,
-                              input_quantizer=module.act_quantizer)
+                              input_quantizer=module.act_quantizer, split=split)
         w_state, a_state, _ = search.run(FPFormat.from_bits(config.w_bits, config.w_exp), None)
         module.weight_quantizer = search.weight_quantizer(w_state, a_state)
         del search
@@ -540,6 +561,8 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
                                           if isinstance(module, nn.Linear)})
     if mode == "reload" and len(saved) < len(blocks):
         raise MatrixFileError(f"{matrix_path} holds {len(saved)} of {len(blocks)} blocks; use --resume to finish it")
+    if mode != "reload":
+        distributed.local_batch(flat.cali_bsz)  # refused now, not at the first training step
     if min(flat.q_bits, flat.k_bits, flat.v_bits) < 16:
         enable_kv_quant(model, adapter)
     report, started = CalibrationReport(), time.perf_counter()
@@ -568,7 +591,7 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
                 flat_block.init_diag(input_absmax, flat.diag_alpha)
                 history = train_block(flat_block, block, flat, hidden, targets, call_kwargs)
                 written[index] = (prefix, flat_block.matrices(prefix))
-                if matrix_path is not None:
+                if matrix_path is not None and distributed.is_main():
                     write_matrices(matrix_path, metadata, written)
             clips = flat_block.weight_clip_factors()
             flat_block.fold_into(block)

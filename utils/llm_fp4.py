@@ -9,9 +9,10 @@ from torch import nn
 
 from configs import QuantConfig
 from quant_layers import LinearSearch, QuantEmbedding, QuantLinear, make_quantizer
-from quant_layers.search import BIAS_FIRST, WEIGHT_FIRST, search_embedding
+from quant_layers.search import BIAS_FIRST, LOCAL, WEIGHT_FIRST, TokenSplit, search_embedding
 
 from .adapters import ModelAdapter, adapter_for
+from .distributed import input_maxima, token_split
 from .models import get_module, set_module, untie_embeddings
 from .pipeline import CalibrationReport, calibrate_model, capture_linear_inputs
 
@@ -50,20 +51,22 @@ def calibrate_embedding(module: QuantEmbedding, config: QuantConfig):
     module.freeze()
 
 
-def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantConfig, shared: dict | None = None) -> dict:
+def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantConfig, shared: dict | None = None,
+                     split: TokenSplit = LOCAL) -> dict:
     """Set the weight and activation quantizers of one linear from its captured inputs [tokens, in].
 
-    Linears that read the same inputs may pass one `shared` dict so input-side terms are computed once."""
+    Linears that read the same inputs may pass one `shared` dict so input-side terms are computed once; `split`
+    says where the inputs lie among every data-parallel rank's (utils.distributed.token_split)."""
     w = module.weight.detach()
     weight_scheme, input_scheme = config.scheme("weight"), config.scheme("input")
     quant_w, quant_a = weight_scheme is not None, input_scheme is not None
     if config.element == "int":  # MinMax INT: no search
         module.weight_quantizer = make_quantizer(weight_scheme, w) if quant_w else None
-        module.act_quantizer = make_quantizer(input_scheme, inputs) if quant_a else None
+        module.act_quantizer = make_quantizer(input_scheme, input_maxima(inputs, split)) if quant_a else None
         module.freeze()
         return {}
     search = LinearSearch(w, inputs, config.search, per_channel=config.method == "fpq",
-                          folded=config.method == "fpq" and config.preshift == "folded", shared=shared)
+                          folded=config.method == "fpq" and config.preshift == "folded", shared=shared, split=split)
     w_fmt = weight_scheme.element if quant_w else None
     a_fmt = input_scheme.element if quant_a else None
     order = BIAS_FIRST if config.method == "fpq" else WEIGHT_FIRST
@@ -78,10 +81,11 @@ def calibrate_linear(module: QuantLinear, inputs: torch.Tensor, config: QuantCon
 
 # ----- the block step -----
 class LLMFP4Step:
-    """LLM-FP4's calibration of the table, each block's linears and lm_head (pipeline.calibrate_model's step)."""
+    """LLM-FP4's calibration of the table, each block's linears and lm_head (pipeline.calibrate_model's step) on
+    calibration windows of `window` tokens."""
 
-    def __init__(self, config: QuantConfig):
-        self.config = config
+    def __init__(self, config: QuantConfig, window: int):
+        self.config, self.window = config, window
 
     def embedding(self, table: QuantEmbedding):
         calibrate_embedding(table, self.config)
@@ -90,7 +94,7 @@ class LLMFP4Step:
         return calibrate_block(block, index, hidden, call_kwargs, adapter, self.config, batch_size, report)
 
     def head(self, head: QuantLinear, inputs: torch.Tensor) -> dict:
-        return calibrate_linear(head, inputs, self.config)
+        return calibrate_linear(head, inputs, self.config, split=token_split(inputs.shape[0], self.window))
 
 
 def calibrate_blocks(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,
@@ -99,7 +103,8 @@ def calibrate_blocks(model, config: QuantConfig, calib_data: torch.Tensor, adapt
     """Calibrate `model` in place for the LLM-FP4 `config` on token windows `calib_data` [N, T] (see
     pipeline.calibrate_model for resuming)."""
     adapter = prepare_model(model, config, adapter)
-    return calibrate_model(model, LLMFP4Step(config), calib_data, adapter, batch_size, progress, release_originals,
+    step = LLMFP4Step(config, calib_data.shape[1])
+    return calibrate_model(model, step, calib_data, adapter, batch_size, progress, release_originals,
                            config.feed_quantized, restored_blocks, after_block)
 
 
@@ -108,8 +113,9 @@ def calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_si
     heads = [group[0] for group in adapter.linear_groups]
     fp_out, inputs = capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
     for group in adapter.linear_groups:
-        shared = {}
+        shared, x = {}, inputs[group[0]]
+        split = token_split(x.shape[0], hidden.shape[1])
         for name in group:
             path = f"{adapter.layers}.{index}.{name}"
-            report.layers[path] = calibrate_linear(block.get_submodule(name), inputs[group[0]], config, shared)
+            report.layers[path] = calibrate_linear(block.get_submodule(name), x, config, shared, split)
     return fp_out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from . import distributed
 from .errors import Interrupted, ParamFileError
 from .files import save_with_fallback
 from .llm_fp4 import calibrate_blocks
@@ -61,6 +62,11 @@ def _modules_of(done: int, model, config, adapter) -> set:
     return {name for name in quant_modules(model) if name.startswith(prefixes) or name in table}
 
 
+def save_on_main(path: Path, save, what: str) -> Path:
+    """save_with_fallback on rank 0 only: data-parallel ranks hold the same parameters, one writes them."""
+    return save_with_fallback(path, save, what) if distributed.is_main() else path
+
+
 class BlockCheckpoint:
     """`after_block` of quantize(): writes the parameters calibrated so far (to a fallback path, named in a
     warning, when the asked one fails) and remembers what it saved for the Ctrl-C message."""
@@ -71,7 +77,7 @@ class BlockCheckpoint:
 
     def __call__(self, index: int, blocks: int):
         partial = {"blocks_done": index + 1, "blocks": blocks}
-        self.path = save_with_fallback(self.path, lambda path: save_params(
+        self.path = save_on_main(self.path, lambda path: save_params(
             path, self.model, self.config, self.model_name, self.extra, self.fingerprint, partial=partial),
             "parameters calibrated so far")
         self.done, self.blocks = index + 1, blocks
@@ -98,8 +104,8 @@ def calibrate_resumable(model, config, calib, adapter, path: Path, model_name: s
                            after_block=checkpoint)
     except KeyboardInterrupt:
         raise checkpoint.interrupted(path) from None
-    written = save_with_fallback(path, lambda target: save_params(target, model, config, model_name, extra,
-                                                                  fingerprint), "quantization parameters")
+    written = save_on_main(path, lambda target: save_params(target, model, config, model_name, extra,
+                                                            fingerprint), "quantization parameters")
     return report, written
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..distributed import world_size
 from ..errors import Interrupted, UsageError
 from ..flatquant import default_matrix_path, flat_quantize
 from ..models import adapter_for, get_module
@@ -22,9 +23,10 @@ class FlatQuant(Method):
 
     def calibration_windows(self, config, requested, mode="calibrate") -> int:
         # a reload still runs the blocks; GPTQ and the searches need the full calibration set, and so does NVFP4's
-        # input tensor scale (calibrated on the inputs); RTN with dynamic inputs needs one window
+        # input tensor scale (calibrated on the inputs); RTN with dynamic inputs needs one window (per data-parallel
+        # rank)
         needs_data = config.flat.weight_quantizer != "rtn" or config.block is not None
-        return config.flat.nsamples if mode != "reload" or needs_data else 1
+        return config.flat.nsamples if mode != "reload" or needs_data else world_size()
 
     def default_path(self, root, config, model_name, fingerprint, calib_tag) -> Path:
         return default_matrix_path(root, config, model_name, fingerprint, calib_tag)
