@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act_search_tokens", type=int, default=None,
                    help="tokens used for the activation-bias search loss (default: all; the named formats' search "
                         "configs: 512, for NVFP4's input tensor scale)")
-    q.add_argument("--feed_quantized", action="store_true",
-                   help="calibrate each block on the previous quantized block's output")
+    q.add_argument("--feed_quantized", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate each block on the previous quantized block's output (default: the config's; on "
+                        "in the named formats' GPTQ configs)")
     q.add_argument("--only_eval", action="store_true", help="skip calibration; load --ptq_param_path")
     q.add_argument("--reuse_params", action="store_true",
                    help="load the parameter file of these exact settings when one exists, else calibrate")
@@ -173,7 +174,7 @@ def add_flatquant_flags(p):
         "published script), switches and Q/K/V bits left out take the reference's defaults (off, 16 bits), so its "
         "scripts port by changing the entry point.")
     for name in FLAT_SWITCHES:
-        f.add_argument(f"--{name}", action="store_true", default=None, help=FLAT_HELP.get(name))
+        f.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=FLAT_HELP.get(name))
     for name, kind in FLAT_VALUES.items():
         f.add_argument(f"--{name}", type=kind, default=None, help=FLAT_HELP.get(name))
     f.add_argument("--weight_quantizer", choices=["rtn", "gptq", "fpq_search"], default=None,
@@ -218,7 +219,8 @@ def make_config(args):
                               rounds=args.search_round, grid=args.search_grid, strategy=args.search_strategy,
                               format_space=args.format_space, shift_rounding=args.shift_rounding,
                               act_search_tokens=args.act_search_tokens, seed=args.seed)
-    changes = {"search": search, "feed_quantized": args.feed_quantized or config.feed_quantized}
+    changes = {"search": search,
+               "feed_quantized": config.feed_quantized if args.feed_quantized is None else args.feed_quantized}
     if args.preshift:
         changes["preshift"] = args.preshift
     if args.fp_numerics:

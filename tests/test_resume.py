@@ -148,5 +148,5 @@ def test_reuse_takes_only_a_finished_file_of_the_same_settings(calib_ids, tmp_pa
     for method_name in ("FPQ_config_llama", "NVFP4_GPTQ_config"):
         config = load_config(method_name)
         paths = {method_for(c).default_path("root", c, "tiny", fingerprint, "calib")
-                 for c in (config, replace(config, feed_quantized=True))}
+                 for c in (replace(config, feed_quantized=False), replace(config, feed_quantized=True))}
         assert len(paths) == 2

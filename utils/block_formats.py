@@ -86,16 +86,21 @@ class BlockFormatStep:
     @staticmethod
     def grams(inputs: torch.Tensor, act: nn.Module | None, split: TokenSplit = LOCAL) -> dict:
         """X'X, Xq'X and Xq'Xq over the calibration tokens (Xq: the inputs as the input quantizer leaves them), summed
-        over every data-parallel rank's tokens."""
+        over every data-parallel rank's tokens. The sums run in float64 and are rounded to float32 once, so they do
+        not depend on how the tokens are split over ranks and chunks (but for a rare tie at float32's last bit):
+        GPTQ's act-order sorts the columns by this diagonal, and a swap of two near-equal entries changes every
+        later code."""
         features = inputs.shape[-1]
-        grams = {key: torch.zeros(features, features, device=inputs.device) for key in ("xx", "qx", "qq")}
+        grams = {key: torch.zeros(features, features, device=inputs.device, dtype=torch.float64)
+                 for key in ("xx", "qx", "qq")}
         for start in range(0, inputs.shape[0], GRAM_CHUNK):
             x = inputs[start:start + GRAM_CHUNK].float()
-            xq = x if act is None else act(x)
+            xq = (x if act is None else act(x)).double()
+            x = x.double()
             grams["xx"].addmm_(x.T, x)
             grams["qx"].addmm_(xq.T, x)
             grams["qq"].addmm_(xq.T, xq)
-        grams = {key: split.sum(gram) for key, gram in grams.items()}
+        grams = {key: split.sum(gram).float() for key, gram in grams.items()}
         grams["tokens"] = split.count(inputs.shape[0])
         return grams
 
