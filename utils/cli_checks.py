@@ -84,6 +84,7 @@ def check_arguments(args):
         check_source(source)
     check_quantized_checkpoint(args)
     check_method_flags(args)
+    check_offload(args)
 
 
 def quant_config_name(args) -> str:
@@ -230,3 +231,38 @@ def check_sequence_lengths(args, model_config, calibrating: bool):
         if length is not None and length > positions:
             raise UsageError(f"--{name} {length} exceeds the model's {positions} positions; "
                              f"pass --{name} {positions} or less")
+
+
+# what needs the whole model at once, or rewrites weights before the blocks are read from disk
+OFFLOAD_REFUSED = {"tasks": "lm-eval runs the whole model at once", "plots": "the figures run the whole model",
+                   "use_accelerate": "accelerate's device_map places the blocks itself"}
+DISK_REFUSED = {"save_compressed": "the export reads every weight at once",
+                "only_eval": "a parameter file is installed into the whole model",
+                "resume": "an unfinished file is installed into the whole model", "reuse_params": "a parameter file "
+                "is installed into the whole model", "reload_matrix": "saved matrices are folded into the whole model",
+                "hadamard": "the rotation is applied to every weight before calibration"}
+
+
+def check_offload(args):
+    """--offload and --offload_folder against the flags they cannot serve (yet), before anything is loaded."""
+    if args.offload_folder and args.offload != "disk":
+        raise UsageError("--offload_folder is where --offload disk keeps calibrated blocks; add --offload disk or "
+                         "drop --offload_folder")
+    if args.offload is None:
+        return
+    model_args = parse_model_args(args.model_args)
+    flags = {**vars(args), "use_accelerate": model_args.get("use_accelerate", False)}
+    block = None if args.fp_only or quantized_checkpoint(args) else format_settings(args)
+    if block is not None and block.hadamard:
+        flags["hadamard"] = True
+    refused = {**OFFLOAD_REFUSED, **(DISK_REFUSED if args.offload == "disk" else {})}
+    for name, why in refused.items():
+        if flags.get(name):
+            raise UsageError(f"--{name} cannot run with --offload {args.offload} ({why}); drop one of the two")
+    if quantized_checkpoint(args) is not None:
+        raise UsageError("--offload: a compressed-tensors checkpoint is decoded whole; drop --offload")
+    pretrained = model_args["pretrained"]
+    from .models import OFFLINE_MODELS
+    if args.offload == "disk" and pretrained not in OFFLINE_MODELS and not Path(pretrained).is_dir():
+        raise UsageError(f"--offload disk reads the blocks from a local model folder, and {pretrained} is none; "
+                         "download it (safetensors) and pass pretrained=FOLDER")
