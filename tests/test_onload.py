@@ -122,6 +122,16 @@ def test_device_onloading_moves_each_block_in_and_back(sharded, tmp_path, monkey
     assert moves == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")]  # in to the device, back home, in order
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_blocks_waiting_on_cpu_calibrate_on_cuda_as_the_whole_model_on_cuda(sharded, tmp_path):
+    config = CONFIGS["NVFP4_GPTQ"](load_config("NVFP4_GPTQ_config"))
+    whole_file = calibrate(in_memory(sharded).to("cuda"), config, tmp_path / "whole.safetensors")
+    model = offload_blocks(in_memory(sharded), "cuda")
+    assert model.model.embed_tokens.weight.is_cuda and not model.model.layers[0].mlp.up_proj.weight.is_cuda
+    assert calibrate(model, config, tmp_path / "moved.safetensors") == whole_file
+    assert all(p.device.type == "cpu" for p in model.model.layers.parameters())
+
+
 def test_main_offload_disk_gives_the_same_results(tmp_path):
     folder = save_tiny_model(tmp_path / "model")
     common = ["--model_args", f"pretrained={folder}", "--device", "cpu", "--calib_dataset", "enwiki", "--calib_size",
