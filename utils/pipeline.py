@@ -213,9 +213,9 @@ def _calibrate_all(model, step, calib_data, adapter, batch_size, progress, repor
                 fp_out = step.block(block, index, hidden, call_kwargs, adapter, batch_size, report)
             finish(block)
             hidden = run_block(block, hidden, call_kwargs, batch_size) if feed_quantized else fp_out
-            if after_block is not None and index >= restored:
-                after_block(index, len(blocks))
         report.block_seconds.append(time.perf_counter() - block_start)
+        if after_block is not None and index >= restored:
+            after_block(index, len(blocks))
 
     head = get_module(model, adapter.lm_head)
     if isinstance(head, QuantLinear):
