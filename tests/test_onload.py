@@ -169,6 +169,8 @@ def test_auto_dtype_is_the_checkpoints(tmp_path):
     (["--offload", "disk", "--model_args", "pretrained=org/model"],
      "--offload disk reads the blocks from a local model folder, and org/model is none; download it (safetensors) "
      "and pass pretrained=FOLDER"),
+    (["--offload", "disk", "--offload_folder", __file__], f"--offload_folder {__file__} is an existing file; give a "
+                                                            "folder"),
     (["--offload", "cpu", "--model_args", "pretrained=smollm2-135m-offline,use_accelerate=True"],
      "--use_accelerate cannot run with --offload cpu (accelerate's device_map places the blocks itself); drop one "
      "of the two"),

@@ -16,6 +16,7 @@ from configs import FlatSettings, load_config
 from .compressed_tensors_io import quantization_config_of
 from .data import check_source
 from .errors import UsageError
+from .files import check_output_folder
 from .models import parse_model_args
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -261,6 +262,8 @@ def check_offload(args):
             raise UsageError(f"--{name} cannot run with --offload {args.offload} ({why}); drop one of the two")
     if quantized_checkpoint(args) is not None:
         raise UsageError("--offload: a compressed-tensors checkpoint is decoded whole; drop --offload")
+    if args.offload_folder:
+        check_output_folder(args.offload_folder, "--offload_folder")
     pretrained = model_args["pretrained"]
     from .models import OFFLINE_MODELS
     if args.offload == "disk" and pretrained not in OFFLINE_MODELS and not Path(pretrained).is_dir():
