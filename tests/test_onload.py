@@ -155,6 +155,19 @@ def test_auto_dtype_is_the_checkpoints(tmp_path):
         assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
 
 
+def test_a_non_finite_block_on_disk_is_refused_when_read(tmp_path, capsys):
+    def poison(model):
+        model.model.layers[1].mlp.up_proj.weight[3, 7] = float("nan")
+    folder = save_tiny_model(tmp_path / "model", poison)
+    capsys.readouterr()
+    code, _, err = run_main(capsys, "--model_args", f"pretrained={folder}", "--device", "cpu", "--fp_only",
+                            "--offload", "disk", "--eval_ppl", "abcnews", "--ppl_seqlen", "32", "--ppl_limit", "2")
+    assert code == 2 and "Traceback" not in err  # found when block 1 is read, after block 0 ran (its progress bar)
+    assert err.strip().splitlines()[-1].split("\r")[-1] == (
+        f"error: model {folder}: weight model.layers.1.mlp.up_proj.weight holds 1 NaN or infinite values of 8192; the "
+        "checkpoint is corrupt, download or convert it again")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--offload_folder", "x"], "--offload_folder is where --offload disk keeps calibrated blocks; add --offload "
                                 "disk or drop --offload_folder"),

@@ -86,7 +86,8 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
         if quantization_config_of(name) is not None:  # already quantized: decoded into our fake-quantized modules
             model = load_compressed(name, torch_dtype, device)
         elif offload == "disk":
-            model = load_offloaded(name, torch_dtype, device, offload_folder)
+            model = load_offloaded(name, torch_dtype, device, offload_folder,
+                                   check=lambda tensors: check_finite_tensors(tensors, name))
         else:
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as error:
@@ -112,8 +113,13 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
 def check_finite_weights(model, name: str):
     """Refuse a checkpoint holding NaN or infinite weights: calibrated and evaluated, it would only give a
     perplexity of nan. One tensor at a time, so the check needs no second copy of the model."""
-    for tensor_name, tensor in model.named_parameters():
-        if tensor.device.type == "meta":  # offloaded by accelerate: its values are not in memory to check
+    check_finite_tensors(model.named_parameters(), name)
+
+
+def check_finite_tensors(named_tensors, name: str):
+    """check_finite_weights on (name, tensor) pairs; blocks offloaded to disk are checked as they are read."""
+    for tensor_name, tensor in named_tensors:
+        if tensor.device.type == "meta":  # offloaded: its values are not in memory to check
             continue
         bad = int((~torch.isfinite(tensor.detach())).sum())
         if bad:

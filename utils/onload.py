@@ -183,9 +183,10 @@ def stored_tensor(module: nn.Module, attr: str) -> torch.Tensor:
 class DiskOnloader(StreamingOnloader):
     """Decoder blocks live in the checkpoint's shards (and, once calibrated, in scratch files under `folder`)."""
 
-    def __init__(self, checkpoint: Path, layers: str, dtype: torch.dtype, device, folder=None):
+    def __init__(self, checkpoint: Path, layers: str, dtype: torch.dtype, device, folder=None, check=None):
         self.files = checkpoint_files(Path(checkpoint))
         self.layers, self.dtype, self.device = layers, dtype, torch.device(device)
+        self.check = check  # called on the (name, tensor) pairs of every block read from the checkpoint
         if folder is None:
             folder = tempfile.mkdtemp(prefix="llm-fp4-offload-")
             weakref.finalize(self, shutil.rmtree, folder, True)
@@ -212,8 +213,11 @@ class DiskOnloader(StreamingOnloader):
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         else:
             prefix = f"{self.layers}.{index}."
-            tensors = {name[len(prefix):]: tensor.to(self.dtype) for name, tensor in read_tensors(
-                self.files, [prefix + name for name in self.block_names(index)]).items()}
+            read = read_tensors(self.files, [prefix + name for name in self.block_names(index)])
+            if self.check is not None:
+                self.check(read.items())
+            tensors = {name[len(prefix):]: tensor.to(self.dtype) for name, tensor in read.items()}
+            del read
         for key, tensor in tensors.items():
             set_tensor(block, key, tensor.to(self.device))
         del tensors
@@ -255,10 +259,11 @@ class DiskOnloader(StreamingOnloader):
             set_tensor(block, key, tensor.to("meta"))
 
 
-def load_offloaded(folder, dtype: torch.dtype | str, device, offload_folder=None, adapter=None):
+def load_offloaded(folder, dtype: torch.dtype | str, device, offload_folder=None, adapter=None, check=None):
     """The model of the safetensors checkpoint `folder` with its decoder blocks left on disk (meta tensors
     until onloaded); the embedding, final norm and lm_head are read onto `device`. dtype "auto": the
-    checkpoint's."""
+    checkpoint's. `check(named tensors)` sees every block's tensors as they are read (utils/models.py refuses
+    non-finite weights with it)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     folder = Path(folder)
@@ -269,7 +274,7 @@ def load_offloaded(folder, dtype: torch.dtype | str, device, offload_folder=None
     with init_empty_weights():  # buffers (rotary frequencies) are made for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter or adapter_for(model)
-    onloader = DiskOnloader(folder, adapter.layers, dtype, device, offload_folder)
+    onloader = DiskOnloader(folder, adapter.layers, dtype, device, offload_folder, check)
     rest = [name for name in onloader.files if not name.startswith(f"{adapter.layers}.")]
     for name, tensor in read_tensors(onloader.files, rest).items():
         set_tensor(model, name, tensor.to(dtype))
