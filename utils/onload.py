@@ -223,8 +223,8 @@ class DiskOnloader(StreamingOnloader):
         del tensors
         try:
             yield self.device
-            if index not in self.stored and any(isinstance(m, QuantLinear) and m.quantized_weight is not None
-                                                for m in block.modules()):
+            # a block holding wrapped linears was calibrated: from now on it is read from its scratch file
+            if index not in self.stored and any(isinstance(m, QuantLinear) for m in block.modules()):
                 self.store(block, index)
         finally:
             self.drop(block, index)
