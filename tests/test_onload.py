@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 from cli_helpers import forbid_model_load, one_line_error, run_main
-from conftest import tiny_llama
+from conftest import tiny_causal_lm, tiny_llama
 from safetensors import safe_open
 from tiny_folder import save_tiny_model
 
@@ -89,6 +89,22 @@ def test_disk_onloaded_calibration_equals_in_memory(name, sharded, tmp_path):
     assert perplexity(onloaded, eval_tokens(), 32, progress=False) == perplexity(whole, eval_tokens(), 32,
                                                                                   progress=False)
     assert max(counts) == 1
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_other_families_onload_from_disk_identically(family, tmp_path):
+    """Gemma 3: sliding and full attention layers with their own masks, scaled embedding, sandwich norms; Qwen2:
+    q/k/v biases, untied head."""
+    from test_families import tiny
+    model = tiny("gemma3") if family == "gemma3" else tiny_causal_lm("qwen2")
+    model.save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    config = load_config("NVFP4_config")
+    whole = in_memory(tmp_path / "model")
+    whole_file = calibrate(whole, config, tmp_path / "whole.safetensors")
+    onloaded = load_offloaded(tmp_path / "model", torch.float32, "cpu")
+    assert calibrate(onloaded, config, tmp_path / "disk.safetensors") == whole_file
+    tokens = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(2))
+    assert perplexity(onloaded, tokens, 24, progress=False) == perplexity(whole, tokens, 24, progress=False)
 
 
 def test_disk_onloaded_model_holds_no_block_and_fingerprints_as_loaded(sharded, tmp_path):
