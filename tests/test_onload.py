@@ -201,8 +201,8 @@ def test_a_non_finite_block_on_disk_is_refused_when_read(tmp_path, capsys):
     (["--offload", "disk", "--offload_folder", __file__], f"--offload_folder {__file__} is an existing file; give a "
                                                             "folder"),
     (["--offload", "cpu", "--model_args", "pretrained=smollm2-135m-offline,use_accelerate=True"],
-     "--use_accelerate cannot run with --offload cpu (accelerate's device_map places the blocks itself); drop one "
-     "of the two"),
+     "--model_args use_accelerate=True cannot run with --offload cpu (accelerate's device_map places the blocks "
+     "itself); drop one of the two"),
 ])
 def test_bad_offload_flags_are_refused_in_one_line(flags, message, capsys, monkeypatch):
     forbid_model_load(monkeypatch)
