@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity datasets: wikitext2, c4 (hub), enwiki-heldout, abcnews (offline) or text files")
     g.add_argument("--ppl_seqlen", type=int, default=2048, help="perplexity window length")
     g.add_argument("--wandb_name", default=None, help="accepted for the reference's scripts; wandb is not used")
+    g.add_argument("--offload", choices=["cpu", "disk"], default=None,
+                   help="hold one decoder block at a time on --device for calibration and perplexity: the others wait "
+                        "on CPU (cpu) or in the model folder's safetensors shards (disk, for models larger than "
+                        "memory; calibrated blocks go to --offload_folder); not with lm-eval --tasks")
+    g.add_argument("--offload_folder", default=None, metavar="DIR",
+                   help="--offload disk: where calibrated blocks wait (default: a temporary folder, removed at exit)")
     g.add_argument("--plots", action="store_true",
                    help="write figures (PNG, with their data as JSON) next to results.json; needs matplotlib")
 
@@ -318,7 +324,8 @@ def run(args) -> dict:
     dtype = model_args.get("dtype", "auto")
     if dtype == "auto" and device == "cpu":
         dtype = "float32"  # half-precision matmuls are slow or missing on CPUs
-    model, tokenizer = models.load_model(name, dtype, device, bool(model_args.get("use_accelerate", False)))
+    model, tokenizer = models.load_model(name, dtype, device, bool(model_args.get("use_accelerate", False)),
+                                         args.offload, args.offload_folder)
     check_sequence_lengths(args, model.config, calibrating=config is not None and not args.only_eval)
     torch.manual_seed(args.seed)
 

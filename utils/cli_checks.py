@@ -16,7 +16,8 @@ from configs import FlatSettings, load_config
 from .compressed_tensors_io import quantization_config_of
 from .data import check_source
 from .errors import UsageError
-from .models import parse_model_args
+from .files import check_output_folder
+from .models import OFFLINE_MODELS, parse_model_args
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEFAULT_QUANT_CONFIG = "FPQ_config_llama"
@@ -84,6 +85,7 @@ def check_arguments(args):
         check_source(source)
     check_quantized_checkpoint(args)
     check_method_flags(args)
+    check_offload(args)
 
 
 def quant_config_name(args) -> str:
@@ -230,3 +232,39 @@ def check_sequence_lengths(args, model_config, calibrating: bool):
         if length is not None and length > positions:
             raise UsageError(f"--{name} {length} exceeds the model's {positions} positions; "
                              f"pass --{name} {positions} or less")
+
+
+# what needs the whole model at once, or rewrites weights before the blocks are read from disk
+OFFLOAD_REFUSED = {"--tasks": "lm-eval runs the whole model at once", "--plots": "the figures run the whole model",
+                   "--model_args use_accelerate=True": "accelerate's device_map places the blocks itself"}
+DISK_REFUSED = {"--save_compressed": "the export reads every weight at once",
+                "--only_eval": "a parameter file is installed into the whole model",
+                "--resume": "an unfinished file is installed into the whole model", "--reuse_params": "a parameter "
+                "file is installed into the whole model", "--reload_matrix": "saved matrices are folded into the whole "
+                "model", "--hadamard": "the rotation is applied to every weight before calibration"}
+
+
+def check_offload(args):
+    """--offload and --offload_folder against the options they cannot serve (yet), before anything is loaded."""
+    if args.offload_folder and args.offload != "disk":
+        raise UsageError("--offload_folder is where --offload disk keeps calibrated blocks; add --offload disk or "
+                         "drop --offload_folder")
+    if args.offload is None:
+        return
+    model_args = parse_model_args(args.model_args)
+    block = None if args.fp_only or quantized_checkpoint(args) else format_settings(args)
+    chosen = {**{f"--{name}": value for name, value in vars(args).items()},
+              "--model_args use_accelerate=True": model_args.get("use_accelerate", False),
+              "--hadamard": args.hadamard or (block is not None and block.hadamard)}  # the flag or the config's
+    refused = {**OFFLOAD_REFUSED, **(DISK_REFUSED if args.offload == "disk" else {})}
+    for option, why in refused.items():
+        if chosen[option]:
+            raise UsageError(f"{option} cannot run with --offload {args.offload} ({why}); drop one of the two")
+    if quantized_checkpoint(args) is not None:
+        raise UsageError("--offload: a compressed-tensors checkpoint is decoded whole; drop --offload")
+    if args.offload_folder:
+        check_output_folder(args.offload_folder, "--offload_folder")
+    pretrained = model_args["pretrained"]
+    if args.offload == "disk" and pretrained not in OFFLINE_MODELS and not Path(pretrained).is_dir():
+        raise UsageError(f"--offload disk reads the blocks from a local model folder, and {pretrained} is none; "
+                         "download it (safetensors) and pass pretrained=FOLDER")

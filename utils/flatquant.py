@@ -34,6 +34,7 @@ from quant_layers.transforms import FixedFactor, KroneckerTransform, freeze_fact
 from . import distributed
 from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, model_dims
 from .models import get_module, same_model, set_module
+from .onload import moved, onloader_of
 from .block_formats import BlockFormatStep, check_block_sizes
 from .pipeline import (CalibrationReport, PeakMemory, capture_block_inputs, capture_linear_inputs, record_inputs,
                        run_block, set_quantized)
@@ -570,7 +571,9 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
     written = {i: (f"{adapter.layers}.{i}", saved[i]) for i in saved}
     with PeakMemory(model.device) as memory:
         set_quantized(model, False)
-        captured = capture_block_inputs(model, adapter, calib_data, 1)
+        onloader = onloader_of(model)
+        with onloader.capturing(blocks):
+            captured = capture_block_inputs(model, adapter, calib_data, 1)
         hidden = captured.hidden
         # blocks are calibrated in float32 whatever the model's dtype (float64 stays float64)
         work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -578,36 +581,37 @@ def flat_quantize(model, config: QuantConfig, calib_data: torch.Tensor, matrix_p
         hidden_q = hidden
         for index, block in enumerate(tqdm(blocks, desc="FlatQuant blocks", disable=not progress)):
             block_start, prefix = time.perf_counter(), f"{adapter.layers}.{index}"
-            call_kwargs = captured.call_kwargs[index]
-            dtype = next(block.parameters()).dtype
-            block.to(work)
-            targets, input_absmax = _group_input_absmax(block, adapter, hidden, call_kwargs)
-            flat_block = FlatBlock(block, adapter, config, dims, generator).to(hidden.device)
-            flat_block.install(block)
-            if index in saved:
-                flat_block.load_matrices(prefix, saved[index])
-                history = []
-            else:
-                flat_block.init_diag(input_absmax, flat.diag_alpha)
-                history = train_block(flat_block, block, flat, hidden, targets, call_kwargs)
-                written[index] = (prefix, flat_block.matrices(prefix))
-                if matrix_path is not None and distributed.is_main():
-                    write_matrices(matrix_path, metadata, written)
-            clips = flat_block.weight_clip_factors()
-            flat_block.fold_into(block)
-            del flat_block
-            if config.block is not None:
-                layers = quantize_format_weights(block, adapter, config, hidden_q, call_kwargs, clips)
-            else:
-                losses = quantize_block_weights(block, adapter, config, hidden_q, call_kwargs) if config.w_bits < 16 else {}
-                layers = {name: {"loss": loss} for name, loss in losses.items()}
-            if release_originals:
-                for module in block.modules():
-                    if isinstance(module, QuantLinear):
-                        module.release_original()
-            hidden_q = run_block(block, hidden_q, call_kwargs, 1)
-            hidden = targets
-            block.to(dtype)
+            with onloader.onload(block, index) as device:  # the block on the calibration device (utils/onload.py)
+                hidden, hidden_q, call_kwargs = moved((hidden, hidden_q, captured.call_kwargs[index]), device)
+                dtype = next(block.parameters()).dtype
+                block.to(work)
+                targets, input_absmax = _group_input_absmax(block, adapter, hidden, call_kwargs)
+                flat_block = FlatBlock(block, adapter, config, dims, generator).to(hidden.device)
+                flat_block.install(block)
+                if index in saved:
+                    flat_block.load_matrices(prefix, saved[index])
+                    history = []
+                else:
+                    flat_block.init_diag(input_absmax, flat.diag_alpha)
+                    history = train_block(flat_block, block, flat, hidden, targets, call_kwargs)
+                    written[index] = (prefix, flat_block.matrices(prefix))
+                    if matrix_path is not None and distributed.is_main():
+                        write_matrices(matrix_path, metadata, written)
+                clips = flat_block.weight_clip_factors()
+                flat_block.fold_into(block)
+                del flat_block
+                if config.block is not None:
+                    layers = quantize_format_weights(block, adapter, config, hidden_q, call_kwargs, clips)
+                else:
+                    losses = quantize_block_weights(block, adapter, config, hidden_q, call_kwargs) if config.w_bits < 16 else {}
+                    layers = {name: {"loss": loss} for name, loss in losses.items()}
+                if release_originals:
+                    for module in block.modules():
+                        if isinstance(module, QuantLinear):
+                            module.release_original()
+                hidden_q = run_block(block, hidden_q, call_kwargs, 1)
+                hidden = targets
+                block.to(dtype)
             report.layers.update({f"{prefix}.{name}": entry for name, entry in layers.items()})
             report.layers[prefix] = {"train_loss": history}
             report.block_seconds.append(time.perf_counter() - block_start)

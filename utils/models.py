@@ -16,6 +16,7 @@ from .adapters import ModelAdapter, UnsupportedModel, adapter_for  # noqa: F401 
 from .assets import asset_path, cache_dir
 from .compressed_tensors_io import load_compressed, quantization_config_of
 from .errors import UsageError, UserError
+from .onload import load_offloaded, offload_blocks
 
 OFFLINE_MODEL = "smollm2-135m-offline"  # the default model: the asset `python -m utils.assets` fetches
 QWEN_OFFLINE_MODEL = "qwen2.5-coder-0.5b-offline"  # opt-in: `python -m utils.assets qwen2.5-coder-0.5b-gguf`
@@ -65,9 +66,14 @@ def parse_model_args(model_args: str) -> dict:
     return args
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelerate: bool = False):
+def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelerate: bool = False,
+               offload: str | None = None, offload_folder: str | None = None):
     """(model, tokenizer). `name` is a hub id, a local folder, or a name in OFFLINE_MODELS. A compressed-tensors
-    checkpoint (ours or llm-compressor's) loads as the fake-quantized model it describes."""
+    checkpoint (ours or llm-compressor's) loads as the fake-quantized model it describes.
+
+    offload="cpu": the decoder blocks stay on CPU and move to `device` one at a time; offload="disk": they stay in
+    the checkpoint's safetensors shards (a local folder) and are read one at a time, calibrated blocks going to
+    scratch files in `offload_folder` (a temporary folder when None); see utils/onload.py."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name in OFFLINE_MODELS:
         name = offline_model_folder(name)
@@ -79,6 +85,9 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
         tokenizer = AutoTokenizer.from_pretrained(name)
         if quantization_config_of(name) is not None:  # already quantized: decoded into our fake-quantized modules
             model = load_compressed(name, torch_dtype, device)
+        elif offload == "disk":
+            model = load_offloaded(name, torch_dtype, device, offload_folder,
+                                   check=lambda tensors: check_finite_tensors(tensors, name))
         else:
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as error:
@@ -89,7 +98,9 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
         raise ModelUnavailable(f"cannot load model {name!r}: torch refuses its pickle weights as unsafe "
                                f"({refused.group(0) if refused else 'not only tensors'}); convert them to "
                                "safetensors with code you trust, or use another model") from None
-    if not use_accelerate:
+    if offload == "cpu":
+        offload_blocks(model, device)
+    elif not use_accelerate and offload is None:
         model.to(device)
     _own_cpu_tensors(model)
     check_finite_weights(model, name)
@@ -102,8 +113,13 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
 def check_finite_weights(model, name: str):
     """Refuse a checkpoint holding NaN or infinite weights: calibrated and evaluated, it would only give a
     perplexity of nan. One tensor at a time, so the check needs no second copy of the model."""
-    for tensor_name, tensor in model.named_parameters():
-        if tensor.device.type == "meta":  # offloaded by accelerate: its values are not in memory to check
+    check_finite_tensors(model.named_parameters(), name)
+
+
+def check_finite_tensors(named_tensors, name: str):
+    """check_finite_weights on (name, tensor) pairs; blocks offloaded to disk are checked as they are read."""
+    for tensor_name, tensor in named_tensors:
+        if tensor.device.type == "meta":  # offloaded: its values are not in memory to check
             continue
         bad = int((~torch.isfinite(tensor.detach())).sum())
         if bad:
@@ -153,7 +169,11 @@ def model_fingerprint(model) -> dict:
                          "take its fingerprint before quantizing")
     named = sorted(model.named_parameters(remove_duplicate=False))  # the same before and after untying
     shape_hash = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in named]).encode()).hexdigest()[:16]
-    signature = [float(f"{p.detach().flatten()[:4096].float().abs().mean().item():.4g}") for _, p in named]
+    onloader = getattr(model, "onloader", None)  # blocks on disk: their tensors are read from the checkpoint
+
+    def values(name, p):
+        return onloader.checkpoint_tensor(name) if p.device.type == "meta" and onloader is not None else p.detach()
+    signature = [float(f"{values(n, p).flatten()[:4096].float().abs().mean().item():.4g}") for n, p in named]
     return {"model_type": model.config.model_type, "shapes": shape_hash, "signature": signature}
 
 

@@ -24,6 +24,7 @@ from .models import model_fingerprint, same_model
 from .errors import ParamFileError
 from .files import atomic_write
 from .param_checks import check_module
+from .onload import stored_tensor
 
 FORMAT_VERSION = 1
 SLOTS = ("weight_quantizer", "act_quantizer")
@@ -81,7 +82,7 @@ def save_params(path: str | Path, model, config: QuantConfig, model_name: str, e
         if getattr(module, "input_shift", None) is not None:
             tensors[f"{name}.input_shift"] = module.input_shift.detach().contiguous().cpu()
         if module.weight_on_grid:  # GPTQ's weights: not recomputable from W and the ranges, so kept as codes
-            codes, _ = module.weight_quantizer.encode(module.quantized_weight.float())
+            codes, _ = module.weight_quantizer.encode(stored_tensor(module, "quantized_weight").float())
             tensors[f"{name}.weight_codes"] = smallest_int(codes).contiguous().cpu()
         modules[name] = entry
     metadata = {"model": model_name, "fingerprint": fingerprint, "config": config.to_dict(),

@@ -20,6 +20,7 @@ from quant_layers.flat import KVQuant
 
 from .adapters import ModelAdapter
 from .models import get_module
+from .onload import moved, onloader_of
 
 
 class _StopForward(Exception):
@@ -196,20 +197,22 @@ def _calibrate_all(model, step, calib_data, adapter, batch_size, progress, repor
     if isinstance(table, QuantEmbedding):
         table.quantize = False  # blocks are calibrated on full-precision inputs
 
-    captured = capture_block_inputs(model, adapter, calib_data, batch_size)
+    blocks, onloader = get_module(model, adapter.layers), onloader_of(model)
+    with onloader.capturing(blocks):
+        captured = capture_block_inputs(model, adapter, calib_data, batch_size)
     hidden = captured.hidden
     if isinstance(table, QuantEmbedding):
         finish(table)
-    blocks = get_module(model, adapter.layers)
     for index, block in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress)):
         block_start = time.perf_counter()
-        call_kwargs = captured.call_kwargs[index]
-        if index < restored:  # its quantizers are loaded: only its full-precision output is needed
-            fp_out = run_block(block, hidden, call_kwargs, batch_size)
-        else:
-            fp_out = step.block(block, index, hidden, call_kwargs, adapter, batch_size, report)
-        finish(block)
-        hidden = run_block(block, hidden, call_kwargs, batch_size) if feed_quantized else fp_out
+        with onloader.onload(block, index) as device:  # the block on the calibration device (utils/onload.py)
+            hidden, call_kwargs = moved((hidden, captured.call_kwargs[index]), device)
+            if index < restored:  # its quantizers are loaded: only its full-precision output is needed
+                fp_out = run_block(block, hidden, call_kwargs, batch_size)
+            else:
+                fp_out = step.block(block, index, hidden, call_kwargs, adapter, batch_size, report)
+            finish(block)
+            hidden = run_block(block, hidden, call_kwargs, batch_size) if feed_quantized else fp_out
         report.block_seconds.append(time.perf_counter() - block_start)
         if after_block is not None and index >= restored:
             after_block(index, len(blocks))
