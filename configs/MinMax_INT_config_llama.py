@@ -1,4 +1,7 @@
 """MinMax INT (paper Eq. 2): symmetric absmax INT, per-row weights, per-tensor activations and table."""
 from configs import QuantConfig
+from quant_layers import IntElement, Scheme
 
-CONFIG = QuantConfig(name="MinMax_INT_config_llama", method="minmax", element="int", embedding_search=False)
+INT4 = IntElement(4)  # symmetric, levels -7..7
+CONFIG = QuantConfig.from_schemes("MinMax_INT_config_llama", "minmax", weight=Scheme(INT4, "row"),
+                                  inputs=Scheme(INT4, "tensor"), embedding=Scheme(INT4, "tensor"), embedding_search=False)

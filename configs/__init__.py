@@ -152,6 +152,28 @@ class QuantConfig:
                 raise UsageError(f"--qbits: {kind.upper()} exponent bits must be in 1..{bits - 1} for "
                                  f"{bits}-bit FP, got {exp}")
 
+    @classmethod
+    def from_schemes(cls, name: str, method: str, weight: Scheme, inputs: Scheme | None,
+                     embedding: Scheme | None, **settings) -> "QuantConfig":
+        """A config written as its operands' schemes (None: left at 16 bits). The bit widths that --qbits replaces
+        are read off the elements, and each scheme must be the one the method starts from (`scheme`), so that a
+        config cannot state a granularity its method would not calibrate."""
+        schemes = {"weight": weight, "input": inputs, "embedding": embedding}
+        elements = [s.element for s in schemes.values() if s is not None]
+        widths = {}
+        for operand, kind in (("weight", "w"), ("input", "a"), ("embedding", "e")):
+            element = None if schemes[operand] is None else schemes[operand].element
+            widths[f"{kind}_bits"] = 16 if element is None else element.bits
+            if isinstance(element, FPFormat):
+                widths[f"{kind}_exp"] = element.exponent_bits
+        element_kind = "fp" if all(isinstance(e, FPFormat) for e in elements) else "int"
+        config = cls(name=name, method=method, element=element_kind, **widths, **settings)
+        for operand, stated in schemes.items():
+            if config.scheme(operand) != stated:
+                raise UsageError(f"{name}: the {operand} scheme {stated} is not what the {method} method calibrates "
+                                 f"({config.scheme(operand)})")
+        return config
+
     def with_qbits(self, qbits) -> "QuantConfig":
         if len(qbits) != 6:
             raise UsageError("--qbits takes six integers: W A E bits, then W A E exponent bits (e.g. 4 4 4 2 2 2)")

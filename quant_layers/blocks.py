@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .formats import FPFormat, fp_decode, fp_encode, fp_quantize
+from .formats import FPFormat, fp_decode, fp_encode
 from .schemes import Scheme, register_scale
 
 ENCODINGS = ("e8m0", "e4m3")  # the block scale: power of two (MX); FP8 E4M3 times an FP32 tensor scale (NVFP4)

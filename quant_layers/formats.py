@@ -82,6 +82,9 @@ class FPFormat:
         return 2 ** self.exponent_bits - log_max + math.log2(self.clip_factor) - 1
 
 
+E2M1 = FPFormat(2, 1)  # the 4-bit FP element of LLM-FP4's default, NVFP4 and MXFP4
+
+
 def _exp2(x):
     return torch.exp2(x) if torch.is_tensor(x) else 2.0 ** x
 

@@ -166,3 +166,22 @@ def test_named_configs_as_schemes():
     assert flat.scheme("weight") == Scheme(IntElement(4, True, True), "row")
     assert flat.scheme("input") == Scheme(IntElement(4, True, True), "token")
     assert load_config("FlatQuant_FP_config_llama").scheme("input") == Scheme(E2M1, "token")
+
+
+def test_configs_are_written_as_schemes():
+    """A config states its operands' schemes; the bit widths --qbits replaces come from their elements, and a scheme
+    its method would not calibrate is refused."""
+    from dataclasses import replace
+    from configs import QuantConfig, load_config
+    from utils.errors import UsageError
+    written = QuantConfig.from_schemes("x", "fpq", weight=Scheme(FPFormat(3, 2), "row"),
+                                       inputs=Scheme(FPFormat(1, 2), "tensor"), embedding=None)
+    assert (written.qbits, written.element) == ([6, 4, 16, 3, 1, 2], "fp")
+    assert written == replace(QuantConfig("x", "fpq"), w_bits=6, a_bits=4, e_bits=16, w_exp=3, a_exp=1)
+    assert load_config("MinMax_INT_config_llama") == QuantConfig("MinMax_INT_config_llama", "minmax", element="int",
+                                                                 embedding_search=False)
+    with pytest.raises(UsageError, match="input scheme .* is not what the fpq method calibrates"):
+        QuantConfig.from_schemes("x", "fpq", weight=Scheme(E2M1, "row"), inputs=Scheme(E2M1, "token"), embedding=None)
+    with pytest.raises(UsageError, match="weight scheme"):  # FlatQuant's INT4 is full-range symmetric
+        QuantConfig.from_schemes("x", "minmax", weight=Scheme(IntElement(4, True, True), "row"),
+                                 inputs=Scheme(IntElement(4), "tensor"), embedding=None)
