@@ -172,8 +172,10 @@ def model_fingerprint(model) -> dict:
     onloader = getattr(model, "onloader", None)  # blocks on disk: their tensors are read from the checkpoint
 
     def values(name, p):
-        return onloader.checkpoint_tensor(name) if p.device.type == "meta" and onloader is not None else p.detach()
-    signature = [float(f"{values(n, p).flatten()[:4096].float().abs().mean().item():.4g}") for n, p in named]
+        if p.device.type == "meta" and onloader is not None:
+            return onloader.leading_values(name, 4096)
+        return p.detach().flatten()[:4096]
+    signature = [float(f"{values(n, p).float().abs().mean().item():.4g}") for n, p in named]
     return {"model_type": model.config.model_type, "shapes": shape_hash, "signature": signature}
 
 

@@ -17,6 +17,7 @@ holds no numerics and knows modules only as a block's tensors by name.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import weakref
@@ -202,9 +203,16 @@ class DiskOnloader(StreamingOnloader):
     def scratch(self, index: int) -> Path:
         return self.folder / f"block_{index}.safetensors"
 
-    def checkpoint_tensor(self, name: str) -> torch.Tensor:
-        """One tensor of the checkpoint, in the model's dtype (model_fingerprint reads the blocks' this way)."""
-        return read_tensors(self.files, [name])[name].to(self.dtype)
+    def leading_values(self, name: str, count: int) -> torch.Tensor:
+        """The first `count` values of a checkpoint tensor, flattened, in the model's dtype, reading only the rows
+        that hold them (model_fingerprint reads the blocks' this way, not the whole checkpoint)."""
+        with safe_open(str(self.files[name]), "pt") as f:
+            part = f.get_slice(name)
+            shape = part.get_shape()
+            if not shape:
+                return f.get_tensor(name).flatten().to(self.dtype)
+            row = math.prod(shape[1:]) or 1
+            return part[:-(-count // row)].flatten()[:count].to(self.dtype)
 
     @contextmanager
     def onload(self, block, index):
