@@ -5,11 +5,12 @@ Parts (each in its own process so peak memory is its own):
   llama7b_block one randomly initialised LLaMA-7B-shaped block (hidden 4096, intermediate 11008)
   flat_llama7b_block  FlatQuant W4A4KV4 training + folding + RTN of one random LLaMA-7B-shaped decoder block
   forward       forward time of the fake-quantized SmolLM2 relative to full precision
+  generate      seconds per generated token (greedy, KV cache, fixed length) of the fake-quantized SmolLM2 relative to FP
   lm_eval       lm-eval wall time (GSM8K generation, cloze) of the fake-quantized SmolLM2 relative to FP
   block_cost    FPQ seconds per SmolLM2 block at a small and a large setting (--small, --large), under each OpenMP
                 wait policy (--wait_policies): the small/large ratio shows the cost that does not shrink with the work
 
-python benchmarks/calibration.py [--parts smollm2 llama7b_block flat_llama7b_block forward lm_eval block_cost]
+python benchmarks/calibration.py [--parts smollm2 llama7b_block flat_llama7b_block forward generate lm_eval block_cost]
        [--calib 32x512] [--n 100] [--flat_calib 4x512 --epochs 1] [--small 8x256,1,20 --large 32x512,3,100 --blocks 1]
 Results: benchmarks/results/calibration.json and a table on stdout.
 """
@@ -125,6 +126,28 @@ def part_forward(args) -> dict:
     return {"fp_seconds": fp, "fake_quant_seconds": fq, "ratio": fq / fp}
 
 
+def part_generate(args) -> dict:
+    """Greedy generation with the KV cache, a fixed number of new tokens (so a model whose answers run longer
+    is not charged for them): seconds per new token of the fake-quantized model relative to full precision.
+    FP and fake-quant alternate; each keeps its fastest of --repeats runs."""
+    import torch
+    from utils.calibrate import set_quantized
+    from utils.data import calibration_samples
+    model, tokenizer = quickly_quantized_smollm2(args)
+    prompt = calibration_samples(tokenizer, "enwiki", 1, args.prompt_tokens, seed=2).to(args.device)
+    best = {False: float("inf"), True: float("inf")}
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for quantized in (False, True):
+                set_quantized(model, quantized)
+                started = time.perf_counter()
+                model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                               do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                best[quantized] = min(best[quantized], (time.perf_counter() - started) / args.new_tokens)
+    return {"fp_seconds_per_token": best[False], "fake_quant_seconds_per_token": best[True],
+            "ratio": best[True] / best[False], "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+
+
 def part_lm_eval(args) -> dict:
     """Wall time of lm-eval (GSM8K CoT generation with the KV cache, and the Wikipedia cloze task) on the
     fake-quantized model relative to full precision."""
@@ -182,8 +205,8 @@ def run_part(part: str, argv: list[str], env: dict | None = None) -> dict:
 
 
 PARTS = {"smollm2": part_smollm2, "llama7b_block": part_llama7b_block, "flat_llama7b_block": part_flat_llama7b_block,
-         "forward": part_forward,
-         "lm_eval": part_lm_eval, "block_cost": part_block_cost, "block_seconds": part_block_seconds}
+         "forward": part_forward, "generate": part_generate, "lm_eval": part_lm_eval, "block_cost": part_block_cost,
+         "block_seconds": part_block_seconds}
 
 
 def main():
@@ -199,6 +222,9 @@ def main():
     p.add_argument("--block_tokens", type=int, default=2048, help="calibration tokens of the 7B-shaped block")
     p.add_argument("--flat_calib", default="4x512", help="FlatQuant windows x tokens of the 7B-shaped block")
     p.add_argument("--epochs", type=int, default=1, help="FlatQuant epochs of the 7B-shaped block")
+    p.add_argument("--prompt_tokens", type=int, default=128, help="generate: prompt length")
+    p.add_argument("--new_tokens", type=int, default=64, help="generate: new tokens per run")
+    p.add_argument("--repeats", type=int, default=3, help="generate: runs of each model (the fastest kept)")
     p.add_argument("--eval_limit", type=int, default=10, help="GSM8K problems (x10 cloze items) for lm_eval")
     p.add_argument("--small", default="8x256,1,20", help="block_cost: windows x tokens,rounds,n of the small setting")
     p.add_argument("--large", default="32x512,3,100", help="block_cost: the same for the large setting")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -67,16 +68,17 @@ class FPFormat:
             return self.clip_factor * _pow2(self.max_exponent_code - bias)
         return self.clip_factor * _exp2(self.max_exponent_code - bias)
 
-    def step(self, exponent: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """2^(exponent - M - bias), the spacing of the binade `exponent` (consumes `exponent` in place)."""
+    def step(self, exponent: torch.Tensor, bias: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """2^(exponent - M - bias), the spacing of the binade `exponent` (consumes `exponent` in place);
+        `offset`: bias + M, when computed beforehand (FPTerms)."""
         if self.numerics == "reference":
             return torch.pow(2.0, exponent.sub_(self.mantissa_bits).sub_(bias))
-        return exponent.sub_(bias + self.mantissa_bits).exp2_()
+        return exponent.sub_(bias + self.mantissa_bits if offset is None else offset).exp2_()
 
     def bias_for_maxval(self, maxval):
         """The real exponent bias whose maxval equals `maxval` (the MinMax bias of a slice with that absmax)."""
         if torch.is_tensor(maxval):
-            log_max = torch.log2(maxval.to(_compute_dtype(maxval)).clamp_min(MIN_ABSMAX))
+            log_max = torch.log2(maxval.to(compute_dtype(maxval)).clamp_min(MIN_ABSMAX))
         else:
             log_max = math.log2(max(maxval, MIN_ABSMAX))
         return 2 ** self.exponent_bits - log_max + math.log2(self.clip_factor) - 1
@@ -93,19 +95,35 @@ def _pow2(x):
     return torch.pow(2.0, x) if torch.is_tensor(x) else 2.0 ** x
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 only for exact tests
 
 
-def fp_quantize(x: torch.Tensor, fmt: FPFormat, bias) -> torch.Tensor:
-    """Fake-quantize `x` to `fmt` with the (broadcastable, real-valued) exponent bias `bias`."""
-    dtype = _compute_dtype(x)
-    bias = bias.to(dtype) if torch.is_tensor(bias) else torch.tensor(bias, dtype=dtype, device=x.device)
+class FPTerms(NamedTuple):
+    """What fp_quantize derives from the bias alone; a static quantizer computes them once, not per call."""
+
+    bias: torch.Tensor
+    neg_maxval: torch.Tensor
+    maxval: torch.Tensor
+    offset: torch.Tensor  # bias + M
+
+
+def fp_terms(fmt: FPFormat, bias, dtype: torch.dtype, device=None) -> FPTerms:
+    bias = bias.to(dtype) if torch.is_tensor(bias) else torch.tensor(bias, dtype=dtype, device=device)
     maxval = fmt.maxval(bias)
-    clipped = torch.clamp(x.to(dtype), -maxval, maxval)  # a new tensor: the ops below work in place on it
+    return FPTerms(bias, -maxval, maxval, bias + fmt.mantissa_bits)
+
+
+def fp_quantize(x: torch.Tensor, fmt: FPFormat, bias, terms: FPTerms | None = None) -> torch.Tensor:
+    """Fake-quantize `x` to `fmt` with the (broadcastable, real-valued) exponent bias `bias`, or with its
+    `terms` (fp_terms of the bias in compute_dtype(x), then `bias` is not read)."""
+    if terms is None:
+        terms = fp_terms(fmt, bias, compute_dtype(x), x.device)
+    clipped = torch.clamp(x.to(terms.bias.dtype), terms.neg_maxval, terms.maxval)  # new: the ops below are in place
     # exponent floor(log2|x| + bias), at least 1 (log2(0) = -inf lands in the subnormal binade), then the
     # step 2^(exponent - M - bias) of that binade
-    step = fmt.step(clipped.abs().log2_().add_(bias).floor_().clamp_min_(1), bias)
+    exponent = clipped.abs().log2_().add_(terms.bias).floor_().clamp_min_(1)
+    step = fmt.step(exponent, terms.bias, terms.offset)
     return clipped.div_(step).round_().mul_(step)
 
 
@@ -113,7 +131,7 @@ def fp_encode(x: torch.Tensor, fmt: FPFormat, bias) -> torch.Tensor:
     """The int32 codes (sign, exponent field, mantissa: 1 + E + M bits, exponent field 0 = subnormal) of
     fp_quantize(x, fmt, bias). A value that rounds up out of the top binade has no code: the reference
     numerics' clip value, which the format does not have, is refused."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     bias = bias.to(dtype) if torch.is_tensor(bias) else torch.tensor(bias, dtype=dtype, device=x.device)
     maxval = fmt.maxval(bias)
     clipped = torch.clamp(x.to(dtype), -maxval, maxval)
@@ -190,12 +208,12 @@ def int_asymmetric_params(x_min: torch.Tensor, x_max: torch.Tensor, bits: int):
 def int_symmetric_codes(x: torch.Tensor, bits: int, scale, full_range: bool = False) -> torch.Tensor:
     """The integer levels of int_quantize_symmetric (its values are these times `scale`)."""
     q_max = 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale), -q_max - full_range, q_max)
+    return torch.clamp(torch.round(x.to(compute_dtype(x)) / scale), -q_max - full_range, q_max)
 
 
 def int_asymmetric_codes(x: torch.Tensor, bits: int, scale, zero) -> torch.Tensor:
     """The codes 0..2^q-1 of int_quantize_asymmetric (its values are (codes - zero) * scale)."""
-    return torch.clamp(torch.round(x.to(_compute_dtype(x)) / scale) + zero, 0, 2 ** bits - 1)
+    return torch.clamp(torch.round(x.to(compute_dtype(x)) / scale) + zero, 0, 2 ** bits - 1)
 
 
 def int_quantize_asymmetric(x: torch.Tensor, bits: int, scale, zero) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from .blocks import BlockQuantizer
-from .formats import (FPFormat, fp_decode, fp_encode, fp_quantize, int_asymmetric_codes, int_asymmetric_params,
-                      int_quantize_asymmetric, int_quantize_symmetric, int_symmetric_codes, int_symmetric_scale)
+from .formats import (FPFormat, compute_dtype, fp_decode, fp_encode, fp_quantize, fp_terms, int_asymmetric_codes,
+                      int_asymmetric_params, int_quantize_asymmetric, int_quantize_symmetric, int_symmetric_codes,
+                      int_symmetric_scale)
 from .schemes import GRANULARITIES, IntElement, Scheme, register_scale
 
 
@@ -60,6 +61,7 @@ class FPQuantizer(nn.Module):
         self.dynamic = dynamic
         self.group_size = group_size  # > 0: one bias per group of the last dimension ([..., n / g, 1])
         self.register_buffer("bias", None if bias is None else bias.float())
+        self._terms_of = None  # (bias, its version, dtype, FPTerms): fp_terms of the static bias, kept between calls
 
     @classmethod
     def minmax(cls, x: torch.Tensor, fmt: FPFormat, granularity: str, group_size: int = 0) -> "FPQuantizer":
@@ -70,9 +72,21 @@ class FPQuantizer(nn.Module):
     def _bias(self, groups: torch.Tensor) -> torch.Tensor:
         return self.fmt.bias_for_maxval(absmax(groups, "token")) if self.dynamic else self.bias
 
+    def _static_terms(self, dtype: torch.dtype):
+        """The static bias's fp_terms, recomputed only when the bias is replaced or changed in place (its version
+        counter); None for a bias made under inference mode, which has no version counter."""
+        bias = self.bias
+        if bias.is_inference():
+            return None
+        kept = self._terms_of
+        if kept is None or kept[0] is not bias or kept[1] != bias._version or kept[2] != dtype:
+            kept = self._terms_of = (bias, bias._version, dtype, fp_terms(self.fmt, bias, dtype))
+        return kept[3]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = grouped(x, self.group_size)
-        return fp_quantize(groups, self.fmt, self._bias(groups)).to(x.dtype).reshape(x.shape)
+        terms = None if self.dynamic else self._static_terms(compute_dtype(x))
+        return fp_quantize(groups, self.fmt, self._bias(groups), terms).to(x.dtype).reshape(x.shape)
 
     def spec(self) -> Scheme:
         return Scheme(self.fmt, granularity_of(self.bias, self.dynamic, self.group_size), self.group_size,

@@ -95,3 +95,26 @@ def test_zero_rows_and_channels_quantize_to_zero():
         q = FPQuantizer.minmax(w, FPFormat(2, 1), granularity)(w)
         assert torch.isfinite(q).all()
         assert (q[2] == 0).all() and (q[:, 3] == 0).all()
+
+
+@pytest.mark.parametrize("numerics", ["paper", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_static_quantizer_keeps_its_terms_and_equals_fp_quantize(numerics, dtype):
+    """A static quantizer computes its bias's terms once; every call still equals fp_quantize bit for bit,
+    also after the bias is changed in place, replaced, or the input dtype changes."""
+    fmt = FPFormat(2, 1, numerics)
+    torch.manual_seed(0)
+    x = (torch.randn(4, 64) * torch.logspace(-3, 2, 64)).to(dtype)
+    q = FPQuantizer(fmt, torch.tensor(fmt.bias_for_maxval(3.0)))
+    for change in (lambda: None, lambda: q.bias.add_(0.37), lambda: setattr(q, "bias", torch.tensor(-1.25))):
+        change()
+        for _ in range(2):
+            assert torch.equal(q(x), fp_quantize(x, fmt, q.bias).to(dtype))
+    assert torch.equal(q(x.double()), fp_quantize(x.double(), fmt, q.bias))
+
+
+def test_bias_made_under_inference_mode_is_used_as_it_is():
+    fmt, x = FPFormat(2, 1), torch.randn(3, 8)
+    with torch.inference_mode():  # an inference tensor has no version counter to keep terms by
+        q = FPQuantizer(fmt, torch.tensor(0.5))
+        assert torch.equal(q(x), fp_quantize(x, fmt, 0.5))
