@@ -150,7 +150,8 @@ def part_generate(args) -> dict:
 
 def part_lm_eval(args) -> dict:
     """Wall time of lm-eval (GSM8K CoT generation with the KV cache, and the Wikipedia cloze task) on the
-    fake-quantized model relative to full precision."""
+    fake-quantized model relative to full precision; for GSM8K also per generated token, since a 4-bit model's
+    answers often run longer (up to lm-eval's token limit) than the FP model's."""
     from utils import lm_eval_tasks
     from utils.calibrate import set_quantized
     model, tokenizer = quickly_quantized_smollm2(args)
@@ -160,11 +161,18 @@ def part_lm_eval(args) -> dict:
         prepared = lm_eval_tasks.prepare_tasks([task], data)
         for quantized in (False, True):
             set_quantized(model, quantized)
-            run = lm_eval_tasks.evaluate_tasks(model, tokenizer, prepared, limit=limit, device=args.device)
+            run = lm_eval_tasks.evaluate_tasks(model, tokenizer, prepared, limit=limit, device=args.device,
+                                               log_samples=True)
             key = "fake_quant" if quantized else "fp"
             result[f"{task}_{key}_seconds"] = run["seconds"]
             result[f"{task}_{key}_metrics"] = run["summary"]
+            if task == "gsm8k_cot":
+                answers = [s["resps"][0][0] for s in run["output"]["samples"][task]]
+                result[f"{task}_{key}_generated_tokens"] = sum(len(tokenizer(a).input_ids) for a in answers)
         result[f"{task}_ratio"] = result[f"{task}_fake_quant_seconds"] / result[f"{task}_fp_seconds"]
+    per_token = {key: result[f"gsm8k_cot_{key}_seconds"] / max(result[f"gsm8k_cot_{key}_generated_tokens"], 1)
+                 for key in ("fp", "fake_quant")}
+    result["gsm8k_cot_ratio_per_generated_token"] = per_token["fake_quant"] / per_token["fp"]
     return result
 
 

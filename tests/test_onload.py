@@ -1,6 +1,7 @@
 """Layer-by-layer onloading (utils/onload.py): a model whose decoder blocks wait on disk (or on CPU) calibrates
 to the same parameters, bit for bit, as the model held whole in memory, and evaluates to the same perplexity,
 with at most one block's weights in memory at any time."""
+import json
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from utils.calibrate import quantize
 from utils.evaluation import perplexity
 from utils.methods import ParamFile
 from utils.models import get_module, model_fingerprint
-from utils.onload import DeviceOnloader, DiskOnloader, load_offloaded, offload_blocks
+from utils.onload import DeviceOnloader, DiskOnloader, load_offloaded, offload_blocks, onloaded_on_call
 
 CONFIGS = {
     "FPQ": lambda c: replace(c.with_qbits([4, 4, 4, 2, 2, 2]), search=replace(c.search, rounds=1, n_candidates=8)),
@@ -65,8 +66,8 @@ def watch_resident_blocks(model) -> list:
                 return True
         return False
 
-    for block in blocks:
-        block.register_forward_pre_hook(lambda *_: counts.append(sum(map(resident, range(len(blocks))))))
+    for block in blocks:  # inside the block: its own pre-hooks (onloaded_on_call's) have run
+        block.mlp.register_forward_pre_hook(lambda *_: counts.append(sum(map(resident, range(len(blocks))))))
     return counts
 
 
@@ -148,6 +149,63 @@ def test_blocks_waiting_on_cpu_calibrate_on_cuda_as_the_whole_model_on_cuda(shar
     assert all(p.device.type == "cpu" for p in model.model.layers.parameters())
 
 
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_whole_model_forward_and_generation_onload_one_block_at_a_time(offload, sharded, tmp_path):
+    """lm-eval and generate call the model's own forward: under onloaded_on_call the blocks come in as it reaches
+    them, and logits and greedy generations (KV cache) equal the in-memory model's bit for bit."""
+    config = load_config("NVFP4_GPTQ_config")
+    whole = in_memory(sharded)
+    calibrate(whole, config, tmp_path / "whole.safetensors")
+    if offload == "disk":
+        model = load_offloaded(sharded, torch.float32, "cpu", tmp_path / "off")
+        counts = watch_resident_blocks(model)
+    else:
+        model, counts = offload_blocks(in_memory(sharded), "cpu"), []
+    calibrate(model, config, tmp_path / "offloaded.safetensors")
+    ids = eval_tokens()[:24].reshape(2, 12)
+    with torch.no_grad():
+        expected_logits, expected = whole(ids).logits, whole.generate(ids, max_new_tokens=6, do_sample=False)
+        counts.clear()
+        with onloaded_on_call(model):
+            assert torch.equal(model(ids).logits, expected_logits)
+            assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+    assert offload == "cpu" or (counts and max(counts) == 1)
+    assert not any(block._forward_hooks or block._forward_pre_hooks for block in model.model.layers)
+
+
+def test_main_lm_eval_tasks_with_offload_equal_the_whole_models(tmp_path):
+    from transformers import AutoTokenizer
+    folder = save_tiny_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # lm-eval needs an end-of-text token: the first byte's
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(0)
+    tokenizer.save_pretrained(folder)
+    data = tmp_path / "cloze.jsonl"
+    data.write_text("".join(f'{{"context": "Two plus {i} is", "endings": [" {2 + i}", " blue"], "label": 0}}\n'
+                            for i in range(4)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "cloze.yaml").write_text(
+        f"task: tiny_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{endings}}'\ndoc_to_target: '{{label}}'\ntarget_delimiter: ''\n"
+        "metric_list:\n  - metric: acc\n")
+    (tmp_path / "tasks" / "say.yaml").write_text(
+        f"task: tiny_say\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{context}}'\n"
+        "doc_to_target: '{{endings[0]}}'\ngeneration_kwargs:\n  until: ['.']\n  max_gen_toks: 5\n"
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+    common = ["--model_args", f"pretrained={folder}", "--device", "cpu", "--calib_dataset", "enwiki", "--calib_size",
+              "4", "--calib_seqlen", "32", "--quant_config", "NVFP4_GPTQ_config", "--tasks", "tiny_cloze,tiny_say",
+              "--include_path", str(tmp_path / "tasks"), "--log_samples"]
+    runs = {}
+    for name, flags in (("whole", []), ("disk", ["--offload", "disk"]), ("cpu", ["--offload", "cpu"])):
+        main.run(main.build_parser().parse_args(common + ["--ptq_param_path", str(tmp_path / f"{name}.safetensors"),
+                                                          "--output_path", str(tmp_path / name), *flags]))
+        output = json.loads((tmp_path / name / "lm_eval_output.json").read_text())
+        runs[name] = {task: [(s["resps"], s["filtered_resps"]) for s in samples]
+                      for task, samples in output["samples"].items()}
+    assert runs["disk"] == runs["whole"] == runs["cpu"] and len(runs["whole"]["tiny_say"]) == 4
+
+
 def test_main_offload_disk_gives_the_same_results(tmp_path):
     folder = save_tiny_model(tmp_path / "model")
     common = ["--model_args", f"pretrained={folder}", "--device", "cpu", "--calib_dataset", "enwiki", "--calib_size",
@@ -187,8 +245,8 @@ def test_a_non_finite_block_on_disk_is_refused_when_read(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--offload_folder", "x"], "--offload_folder is where --offload disk keeps calibrated blocks; add --offload "
                                 "disk or drop --offload_folder"),
-    (["--offload", "cpu", "--tasks", "arc_easy"], "--tasks cannot run with --offload cpu (lm-eval runs the whole "
-                                                  "model at once); drop one of the two"),
+    (["--offload", "cpu", "--plots"], "--plots cannot run with --offload cpu (the figures run the whole model); drop "
+                                      "one of the two"),
     (["--offload", "disk", "--only_eval", "--ptq_param_path", "p.safetensors"],
      "--only_eval cannot run with --offload disk (a parameter file is installed into the whole model); drop one of "
      "the two"),

@@ -235,7 +235,7 @@ def check_sequence_lengths(args, model_config, calibrating: bool):
 
 
 # what needs the whole model at once, or rewrites weights before the blocks are read from disk
-OFFLOAD_REFUSED = {"--tasks": "lm-eval runs the whole model at once", "--plots": "the figures run the whole model",
+OFFLOAD_REFUSED = {"--plots": "the figures run the whole model",
                    "--model_args use_accelerate=True": "accelerate's device_map places the blocks itself"}
 DISK_REFUSED = {"--save_compressed": "the export reads every weight at once",
                 "--only_eval": "a parameter file is installed into the whole model",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .assets import ASSETS, asset_path, cache_dir
 from .errors import UserError
+from .onload import onloaded_on_call
 
 # LLM-FP4 Table 1 averages `acc` over these six (OpenBookQA is run by its scripts but not averaged).
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
@@ -220,8 +221,9 @@ def evaluate_tasks(model, tokenizer, prepared: tuple, *, num_fewshot=None, limit
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, device=str(device or model.device),
               **(model_args or {}))
     started = time.perf_counter()
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), num_fewshot=num_fewshot, limit=limit,
-                                     task_manager=task_manager, gen_kwargs=gen_kwargs, log_samples=log_samples)
+    with onloaded_on_call(model):
+        output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), num_fewshot=num_fewshot, limit=limit,
+                                         task_manager=task_manager, gen_kwargs=gen_kwargs, log_samples=log_samples)
     seconds = time.perf_counter() - started
     summary = summarize(output["results"])
     return {"summary": summary, "average": paper_average(summary), "output": output, "seconds": seconds}

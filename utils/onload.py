@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import weakref
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -105,6 +106,38 @@ class DeviceOnloader(StreamingOnloader):
             yield self.device
         finally:
             block.to(self.home)
+
+
+@contextmanager
+def onloaded_on_call(model, adapter=None):
+    """During the `with`, the model's own forward (lm-eval, generate) onloads each decoder block when it reaches
+    it and offloads it right after, so whole-model callers hold one block at a time too (one read per block per
+    forward: slow from disk, but within memory). A model whose blocks are not moved is left as it is."""
+    onloader = onloader_of(model)
+    if not onloader.streams:
+        yield model
+        return
+    blocks = model.get_submodule((adapter or adapter_for(model)).layers)
+    entered = {}
+
+    def enter(index, block, args, kwargs):
+        context = onloader.onload(block, index)
+        device = context.__enter__()
+        entered[index] = context
+        return moved(args, device), moved(kwargs, device)
+
+    def leave(index, block, args, output):
+        entered.pop(index).__exit__(None, None, None)
+
+    handles = []
+    for index, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(partial(enter, index), with_kwargs=True))
+        handles.append(block.register_forward_hook(partial(leave, index), always_call=True))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def offload_blocks(model, device, adapter=None):
