@@ -92,6 +92,48 @@ def test_disk_onloaded_calibration_equals_in_memory(name, sharded, tmp_path):
     assert max(counts) == 1
 
 
+def load_file_into(model, config, path, mode="reload"):
+    quantize(model, config, calib(), files=ParamFile(path, mode, "tiny", model_fingerprint(model)),
+             release_originals=True, progress=False)
+    return perplexity(model, eval_tokens(), 32, progress=False)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_parameter_file_reloads_into_a_disk_onloaded_model(name, sharded, tmp_path):
+    """--only_eval / --reuse_params with --offload disk: the file is installed one block at a time, and the
+    model evaluates as the whole model with the same file."""
+    config = CONFIGS[name](load_config(CONFIG_NAMES[name]))
+    path = tmp_path / "params.safetensors"
+    calibrate(in_memory(sharded), config, path)
+    expected = load_file_into(in_memory(sharded), config, path)
+    onloaded = load_offloaded(sharded, torch.float32, "cpu", tmp_path / "scratch")
+    counts = watch_resident_blocks(onloaded)
+    assert load_file_into(onloaded, config, path) == expected
+    assert max(counts) == 1
+
+
+def test_an_unfinished_file_is_not_continued_on_disk(sharded, tmp_path, monkeypatch):
+    """--reuse_params on an unfinished file would continue it: refused in one line before any block runs."""
+    from utils import llm_fp4
+    from utils.errors import Interrupted, UsageError
+    config = CONFIGS["FPQ"](load_config(CONFIG_NAMES["FPQ"]))
+    unfinished, real = tmp_path / "unfinished.safetensors", llm_fp4.calibrate_block
+
+    def interrupted_at_block_1(block, index, *args):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(block, index, *args)
+    with monkeypatch.context() as patch:
+        patch.setattr(llm_fp4, "calibrate_block", interrupted_at_block_1)
+        with pytest.raises(Interrupted, match="1 of 2 blocks are saved"):
+            calibrate(in_memory(sharded), config, unfinished)
+    onloaded = load_offloaded(sharded, torch.float32, "cpu", tmp_path / "scratch")
+    counts = watch_resident_blocks(onloaded)
+    with pytest.raises(UsageError, match="unfinished calibration.*continue it with --offload cpu or without"):
+        load_file_into(onloaded, config, unfinished, mode="resume")
+    assert counts == []
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen2"])
 def test_other_families_onload_from_disk_identically(family, tmp_path):
     """Gemma 3: sliding and full attention layers with their own masks, scaled embedding, sandwich norms; Qwen2:
@@ -218,6 +260,9 @@ def test_main_offload_disk_gives_the_same_results(tmp_path):
     assert disk["ppl"] == whole["ppl"]
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["block_0.safetensors", "block_1.safetensors"]
+    reloaded = main.run(main.build_parser().parse_args(common + ["--ptq_param_path", str(tmp_path / "a.safetensors"),
+                                                                 "--only_eval", "--offload", "disk"]))
+    assert reloaded["ppl"] == whole["ppl"]
 
 
 def test_auto_dtype_is_the_checkpoints(tmp_path):
@@ -247,9 +292,12 @@ def test_a_non_finite_block_on_disk_is_refused_when_read(tmp_path, capsys):
                                 "disk or drop --offload_folder"),
     (["--offload", "cpu", "--plots"], "--plots cannot run with --offload cpu (the figures run the whole model); drop "
                                       "one of the two"),
-    (["--offload", "disk", "--only_eval", "--ptq_param_path", "p.safetensors"],
-     "--only_eval cannot run with --offload disk (a parameter file is installed into the whole model); drop one of "
+    (["--offload", "disk", "--quant_config", "FlatQuant_config_llama", "--reload_matrix"],
+     "--reload_matrix cannot run with --offload disk (saved matrices are folded into the whole model); drop one of "
      "the two"),
+    (["--offload", "disk", "--resume"], "--resume cannot run with --offload disk (the restored blocks' full-precision "
+                                        "outputs need weights that a block kept on disk no longer has); drop one of "
+                                        "the two"),
     (["--offload", "disk", "--quant_config", "NVFP4_config", "--hadamard"],
      "--hadamard cannot run with --offload disk (the rotation is applied to every weight before calibration); drop "
      "one of the two"),

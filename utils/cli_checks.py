@@ -238,10 +238,10 @@ def check_sequence_lengths(args, model_config, calibrating: bool):
 OFFLOAD_REFUSED = {"--plots": "the figures run the whole model",
                    "--model_args use_accelerate=True": "accelerate's device_map places the blocks itself"}
 DISK_REFUSED = {"--save_compressed": "the export reads every weight at once",
-                "--only_eval": "a parameter file is installed into the whole model",
-                "--resume": "an unfinished file is installed into the whole model", "--reuse_params": "a parameter "
-                "file is installed into the whole model", "--reload_matrix": "saved matrices are folded into the whole "
-                "model", "--hadamard": "the rotation is applied to every weight before calibration"}
+                "--reload_matrix": "saved matrices are folded into the whole model",
+                "--resume": "the restored blocks' full-precision outputs need weights that a block kept on disk no "
+                "longer has",
+                "--hadamard": "the rotation is applied to every weight before calibration"}
 
 
 def check_offload(args):

@@ -64,6 +64,7 @@ class Onloader:
     """Blocks stay where they are; calibration follows each block's device (accelerate's device_map included)."""
 
     streams = False  # whether blocks are moved in and out (evaluation then runs block by block too)
+    keeps_full_precision = True  # whether a calibrated block can still run in full precision (resume needs it)
 
     @contextmanager
     def onload(self, block: nn.Module, index: int):
@@ -138,6 +139,26 @@ def onloaded_on_call(model, adapter=None):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def apply_onloaded(model, names, apply, adapter=None):
+    """apply(name) for each module name (a parameter file's install); one inside a decoder block that waits
+    elsewhere is applied while its block is onloaded, one block at a time (a block from disk that now holds
+    frozen quantized linears is then kept in its scratch file, as after calibration)."""
+    onloader = onloader_of(model)
+    layers = (adapter or adapter_for(model)).layers
+    by_block = {}
+    for name in names:
+        inside = onloader.streams and name.startswith(layers + ".")
+        if inside:
+            by_block.setdefault(int(name[len(layers) + 1:].split(".")[0]), []).append(name)
+        else:
+            apply(name)
+    blocks = model.get_submodule(layers)
+    for index, block_names in sorted(by_block.items()):
+        with onloader.onload(blocks[index], index):
+            for name in block_names:
+                apply(name)
 
 
 def offload_blocks(model, device, adapter=None):
@@ -216,6 +237,8 @@ def stored_tensor(module: nn.Module, attr: str) -> torch.Tensor:
 
 class DiskOnloader(StreamingOnloader):
     """Decoder blocks live in the checkpoint's shards (and, once calibrated, in scratch files under `folder`)."""
+
+    keeps_full_precision = False  # a calibrated block's scratch file holds its quantized weights only
 
     def __init__(self, checkpoint: Path, layers: str, dtype: torch.dtype, device, folder=None, check=None):
         self.files = checkpoint_files(Path(checkpoint))

@@ -24,7 +24,7 @@ from .models import model_fingerprint, same_model
 from .errors import ParamFileError
 from .files import atomic_write
 from .param_checks import check_module
-from .onload import stored_tensor
+from .onload import apply_onloaded, stored_tensor
 
 FORMAT_VERSION = 1
 SLOTS = ("weight_quantizer", "act_quantizer")
@@ -148,8 +148,9 @@ def load_params(path: str | Path, model, config: QuantConfig, check_model: bool 
     for name, entry in meta["modules"].items():
         check_module(path, name, entry, modules[name], tensors, config)
     device = next(model.parameters()).device
-    for name, entry in meta["modules"].items():
-        module = modules[name]
+
+    def install(name):
+        entry, module = meta["modules"][name], modules[name]
         for slot in SLOTS:
             if slot in entry:
                 prefix = f"{name}.{slot}."
@@ -163,6 +164,7 @@ def load_params(path: str | Path, model, config: QuantConfig, check_model: bool 
             ranges = {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
             module.weight.data.copy_(module.weight_quantizer.decode(codes.to(device, torch.int32), ranges))
         module.freeze(on_grid=codes is not None)
+    apply_onloaded(model, list(meta["modules"]), install)
     return meta
 
 
@@ -277,7 +279,10 @@ def load_reference_pt(path: Path, model, config: QuantConfig):
         e_key, m_key = OPERAND_KEYS[operand]
         return FPFormat(int(get(name, e_key, (1,))), int(get(name, m_key, (1,))), config.fp_numerics)
 
-    for name, module in quant_modules(model).items():
+    modules = quant_modules(model)
+
+    def install(name):
+        module = modules[name]
         if isinstance(module, QuantEmbedding):
             bias = get(name, "interval", (1, module.num_embeddings))
             module.weight_quantizer = FPQuantizer(fmt(name, "e"), bias.reshape(-1, 1) if bias.numel() > 1
@@ -288,6 +293,7 @@ def load_reference_pt(path: Path, model, config: QuantConfig):
             module.act_quantizer = FPQuantizer(fmt(name, "a"), reference_act_bias(state, name, get, fmt(name, "a"),
                                                                                 module.in_features))
         module.freeze()
+    apply_onloaded(model, list(modules), install)
     return {"model": "reference .pt", "config": {"name": config.name}}
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 from safetensors import safe_open
 
 from . import distributed
-from .errors import Interrupted, ParamFileError
+from .errors import Interrupted, ParamFileError, UsageError
 from .files import save_with_fallback
 from .llm_fp4 import calibrate_blocks
 from .models import get_module
+from .onload import onloader_of
 from .params import check_overwrite, load_params, read_metadata, save_params
 from .pipeline import CalibrationReport, quant_modules, release_originals
 
@@ -40,6 +41,10 @@ def restore_progress(path: Path, model, config, adapter, extra: dict, fingerprin
     if not isinstance(done, int) or not 0 <= done <= blocks or not _modules_of(done, model, config, adapter) <= set(
             meta["modules"]):
         raise ParamFileError(f"{path} claims {done} finished blocks that it does not hold; drop --resume to start over")
+    if done and not onloader_of(model).keeps_full_precision:
+        raise UsageError(f"{path} is an unfinished calibration, and its restored blocks' full-precision outputs need "
+                         "weights that a block kept on disk no longer has; continue it with --offload cpu or without "
+                         "--offload")
     load_params(path, model, config, partial_ok=True, fingerprint=fingerprint)
     return done
 
