@@ -167,7 +167,7 @@ def part_lm_eval(args) -> dict:
             result[f"{task}_{key}_seconds"] = run["seconds"]
             result[f"{task}_{key}_metrics"] = run["summary"]
             if task == "gsm8k_cot":
-                answers = [s["resps"][0][0] for s in run["output"]["samples"][task]]
+                answers = [s["resps"][0][0] for samples in run["output"]["samples"].values() for s in samples]
                 result[f"{task}_{key}_generated_tokens"] = sum(len(tokenizer(a).input_ids) for a in answers)
         result[f"{task}_ratio"] = result[f"{task}_fake_quant_seconds"] / result[f"{task}_fp_seconds"]
     per_token = {key: result[f"gsm8k_cot_{key}_seconds"] / max(result[f"gsm8k_cot_{key}_generated_tokens"], 1)

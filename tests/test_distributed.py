@@ -34,6 +34,7 @@ from utils import distributed
 from utils.calibrate import quantize
 from utils.errors import UsageError
 from utils.methods import ParamFile
+from utils.onload import load_offloaded
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -50,6 +51,7 @@ CASES = {
     "flatquant": ("FlatQuant_config_llama", (4, 32), True, False),
     "flatquant_nvfp4": ("NVFP4_FlatQuant_config", (4, 32), True, False),  # the batch's maximum sets a tensor scale
 }
+OFFLOADED = "nvfp4_gptq_defaults"  # also calibrated by both ranks with their blocks onloaded from disk
 NATURAL_ORDER = ("nvfp4_gptq",)  # GPTQ in column order on full-precision block outputs
 # short recipes: INT 2 epochs of 2 steps of 2 windows; NVFP4 one step of 4 windows (more steps amplify last-bit
 # differences through the rounded block scales: 6e-3 after 4 steps, also in float64)
@@ -124,6 +126,14 @@ def refused_before_loading(root):
                                             "--calib_size (or --nsamples) divisible by 2\n")
 
 
+def calibrate_offloaded(root, rank):
+    """Each rank holds one block at a time, read from the same shards (its calibrated blocks in its own scratch
+    folder): rank 0 writes the file of the single in-memory process."""
+    model = load_offloaded(root / "shards", torch.float32, "cpu", root / f"scratch{rank}")
+    quantize(model, case_config(OFFLOADED), calib_ids(OFFLOADED), progress=False,
+             files=ParamFile(root / "offloaded_2.safetensors"))
+
+
 def worker(rank, port, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -136,6 +146,7 @@ def worker(rank, port, root):
             torch.save(model.state_dict(), root / f"{case}_rank{rank}.pt")
         if rank == 0:
             (root / "ppl_2.json").write_text(json.dumps(perplexities))
+        calibrate_offloaded(root, rank)
         refused_before_loading(root)
     finally:
         distributed.stop()
@@ -144,6 +155,7 @@ def worker(rank, port, root):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
+    tiny_llama().save_pretrained(root / "shards", max_shard_size="100KB")
     mp.spawn(worker, args=(free_port(), root), nprocs=WORLD)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: a matmul's summation order depends on the thread count
@@ -188,6 +200,12 @@ def test_every_rank_ends_with_the_same_model(runs, case):
     root = runs[0]
     zero, one = (torch.load(root / f"{case}_rank{rank}.pt") for rank in range(WORLD))
     assert zero.keys() == one.keys() and all(torch.equal(zero[k], one[k]) for k in zero)
+
+
+def test_two_processes_onloading_from_disk_write_the_single_process_file(runs):
+    root = runs[0]
+    assert_same_file(root / f"{OFFLOADED}_1.safetensors", root / "offloaded_2.safetensors", exact=True)
+    assert sorted(p.name for p in (root / "scratch1").iterdir()) == ["block_0.safetensors", "block_1.safetensors"]
 
 
 def test_the_ranks_reduce_what_they_accumulate(runs, tmp_path):
