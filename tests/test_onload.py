@@ -314,3 +314,26 @@ def test_bad_offload_flags_are_refused_in_one_line(flags, message, capsys, monke
     forbid_model_load(monkeypatch)
     code, _, err = run_main(capsys, "--device", "cpu", *flags)
     assert code == 2 and one_line_error(err) == f"error: {message}"
+
+
+def test_accelerate_placement_that_offloads_weights_is_refused(tmp_path, monkeypatch, capsys):
+    """With GPUs too small for the model, device_map="auto" leaves blocks behind meta tensors on CPU or disk: refused
+    in one line naming --offload (simulated here by a device_map that puts block 1 on disk)."""
+    from transformers import AutoModelForCausalLM
+    folder = save_tiny_model(tmp_path / "model")
+    load = AutoModelForCausalLM.from_pretrained
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                 "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+    def offloading(name, **kwargs):
+        assert kwargs.pop("device_map") == "auto"
+        return load(name, device_map=placement, offload_folder=str(tmp_path / "accelerate"), **kwargs)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offloading)
+    capsys.readouterr()
+    code, _, err = run_main(capsys, "--model_args", f"pretrained={folder},use_accelerate=True", "--device", "cpu",
+                            "--quant_config", "NVFP4_config", "--calib_size", "2", "--calib_seqlen", "16")
+    last = err.strip().splitlines()[-1]  # after transformers' loading progress
+    assert code == 2 and "Traceback" not in err and last.startswith("error: accelerate's device_map left 41% of ")
+    assert last.endswith("% of the weights on CPU or disk (the GPUs cannot hold the model); drop "
+                                        "use_accelerate=True and pass --offload cpu (or --offload disk), which "
+                                        "calibrates one block at a time")

@@ -98,6 +98,8 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
         raise ModelUnavailable(f"cannot load model {name!r}: torch refuses its pickle weights as unsafe "
                                f"({refused.group(0) if refused else 'not only tensors'}); convert them to "
                                "safetensors with code you trust, or use another model") from None
+    if use_accelerate:
+        refuse_offloaded_placement(model)
     if offload == "cpu":
         offload_blocks(model, device)
     elif not use_accelerate and offload is None:
@@ -108,6 +110,17 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", use_accelera
     model.requires_grad_(False)
     model.name_or_path = name
     return model, tokenizer
+
+
+def refuse_offloaded_placement(model):
+    """accelerate's device_map="auto" leaves what the GPUs cannot hold on CPU or disk behind meta tensors, which
+    only its forward hooks fill; calibration reads weights outside the forward, so that placement is refused."""
+    offloaded = sum(p.numel() for p in model.parameters() if p.device.type == "meta")
+    if offloaded:
+        total = sum(p.numel() for p in model.parameters())
+        raise UsageError(f"accelerate's device_map left {offloaded / total:.0%} of the weights on CPU or disk (the "
+                         "GPUs cannot hold the model); drop use_accelerate=True and pass --offload cpu (or --offload "
+                         "disk), which calibrates one block at a time")
 
 
 def check_finite_weights(model, name: str):
