@@ -126,8 +126,8 @@ def add_format_flags(p):
     from quant_layers.schemes import PRESETS
     f = p.add_argument_group(
         "named formats (--quant_config NVFP4_config, NVFP4_GPTQ_config, NVFP4_search_config, NVFP4_best_config, "
-        "NVFP4A16_config, MXFP4_config, MXFP4_GPTQ_config, MXFP4_search_config, MXFP4_best_config, "
-        "W4A16_G128_config)",
+        "NVFP4A16_config, MXFP4_config, MXFP4_GPTQ_config, MXFP4_Hadamard_GPTQ_config, MXFP4_search_config, "
+        "MXFP4_best_config, W4A16_G128_config)",
         "Block-scaled FP formats as compressed-tensors computes them, by round-to-nearest or GPTQ (--act_order, "
         "--percdamp), with LLM-FP4's output-error clip search (the *_search and *_best configs; --search_intervals, "
         "--search_strategy) and NVFP4's four over six as options.")

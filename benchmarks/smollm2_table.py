@@ -51,6 +51,7 @@ TABLES = {  # table -> (folder, settings shared by every row, {row: (label, its 
         "nvfp4_best": ("NVFP4 search + 4/6 + GPTQ", "--calib_size 32 --search_strategy coarse --quant_config NVFP4_best_config"),
         "mxfp4_rtn": ("MXFP4 RTN", "--calib_size 32 --quant_config MXFP4_config"),
         "mxfp4_gptq": ("MXFP4 GPTQ", "--calib_size 32 --quant_config MXFP4_GPTQ_config"),
+        "mxfp4_hadamard_gptq": ("MXFP4 Hadamard + GPTQ", "--calib_size 32 --quant_config MXFP4_Hadamard_GPTQ_config"),
         "mxfp4_search": ("MXFP4 LLM-FP4 search", "--calib_size 32 --search_strategy coarse --quant_config MXFP4_search_config"),
         "mxfp4_best": ("MXFP4 search + GPTQ", "--calib_size 32 --search_strategy coarse --quant_config MXFP4_best_config"),
         "nvfp4a16_rtn": ("NVFP4A16 (W4A16) RTN", "--calib_size 32 --quant_config NVFP4A16_config")}),

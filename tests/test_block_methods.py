@@ -71,6 +71,16 @@ def test_calibrated_methods_reload_bit_identically(method, settings, calib_ids, 
     assert torch.equal(q_proj.weight_quantizer(q_proj.quantized_weight), q_proj.quantized_weight)
 
 
+def test_the_hadamard_gptq_config_rotates_then_runs_gptq_and_reloads_bit_identically(calib_ids, tmp_path):
+    config = load_config("MXFP4_Hadamard_GPTQ_config")
+    assert config == replace(load_config("MXFP4_GPTQ_config"), name=config.name,
+                             block=replace(load_config("MXFP4_GPTQ_config").block, hadamard=True))
+    model, fresh = calibrate_and_reload(config, calib_ids, tmp_path / "p.safetensors")
+    assert torch.equal(logits(fresh, calib_ids), logits(model, calib_ids))
+    q_proj = fresh.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.input_transform, BlockHadamard) and q_proj.weight_on_grid
+
+
 @pytest.mark.parametrize("format_name", ["NVFP4", "MXFP4"])
 def test_search_and_gptq_lower_every_layers_output_error(format_name, calib_ids):
     for method, settings in (("rtn", {"search": True}), ("gptq", {}), ("gptq", {"search": True})):
