@@ -22,9 +22,11 @@ from utils.onload import DeviceOnloader, DiskOnloader, load_offloaded, offload_b
 CONFIGS = {
     "FPQ": lambda c: replace(c.with_qbits([4, 4, 4, 2, 2, 2]), search=replace(c.search, rounds=1, n_candidates=8)),
     "NVFP4_GPTQ": lambda c: c,
+    "MXFP4_Hadamard_GPTQ": lambda c: c,  # the rotation is folded into each block's weights as the block is read
     "FlatQuant": lambda c: replace(c, flat=replace(c.flat, epochs=1, nsamples=4, cali_bsz=2)),
 }
-CONFIG_NAMES = {"FPQ": "FPQ_config_llama", "NVFP4_GPTQ": "NVFP4_GPTQ_config", "FlatQuant": "FlatQuant_config_llama"}
+CONFIG_NAMES = {"FPQ": "FPQ_config_llama", "NVFP4_GPTQ": "NVFP4_GPTQ_config", "FlatQuant": "FlatQuant_config_llama",
+                "MXFP4_Hadamard_GPTQ": "MXFP4_Hadamard_GPTQ_config"}
 
 
 @pytest.fixture(scope="module")
@@ -298,9 +300,6 @@ def test_a_non_finite_block_on_disk_is_refused_when_read(tmp_path, capsys):
     (["--offload", "disk", "--resume"], "--resume cannot run with --offload disk (the restored blocks' full-precision "
                                         "outputs need weights that a block kept on disk no longer has); drop one of "
                                         "the two"),
-    (["--offload", "disk", "--quant_config", "NVFP4_config", "--hadamard"],
-     "--hadamard cannot run with --offload disk (the rotation is applied to every weight before calibration); drop "
-     "one of the two"),
     (["--offload", "disk", "--model_args", "pretrained=org/model"],
      "--offload disk reads the blocks from a local model folder, and org/model is none; download it (safetensors) "
      "and pass pretrained=FOLDER"),

@@ -28,6 +28,7 @@ from .adapters import ModelAdapter
 from .distributed import input_maxima, token_split
 from .llm_fp4 import prepare_model
 from .errors import UsageError
+from .onload import onloader_of
 from .pipeline import CalibrationReport, calibrate_model, capture_linear_inputs, quant_modules
 
 GRAM_CHUNK = 4096  # tokens per Gram-matrix update: bounds the quantized copy of the inputs
@@ -182,12 +183,19 @@ def prepare_formats(model, config: QuantConfig, adapter: ModelAdapter | None = N
     adapter = prepare_model(model, config, adapter)
     check_block_sizes(model, config)
     if config.block.hadamard:
-        size = config.scheme("weight").group_size
+        size, rotated = config.scheme("weight").group_size, []
         for module in quant_modules(model).values():
             if isinstance(module, QuantLinear) and not isinstance(module.input_transform, BlockHadamard):
-                module.input_transform = BlockHadamard(size).to(module.weight.device)
-                module.weight.data = module.input_transform(module.weight.data)
+                on_disk = module.weight.device.type == "meta"  # its block is read when used (utils/onload.py)
+                module.input_transform = BlockHadamard(size).to(model.device if on_disk else module.weight.device)
+                rotated.append(module)
+        onloader_of(model).rewrite_weights(model, rotated, rotate_weight)
     return adapter
+
+
+def rotate_weight(module: QuantLinear):
+    """W -> W H, so that the rotated inputs x H give the same products (H is orthogonal and symmetric)."""
+    module.weight.data = module.input_transform(module.weight.data)
 
 
 def calibrate_formats(model, config: QuantConfig, calib_data: torch.Tensor, adapter: ModelAdapter | None = None,

@@ -240,8 +240,7 @@ OFFLOAD_REFUSED = {"--plots": "the figures run the whole model",
 DISK_REFUSED = {"--save_compressed": "the export reads every weight at once",
                 "--reload_matrix": "saved matrices are folded into the whole model",
                 "--resume": "the restored blocks' full-precision outputs need weights that a block kept on disk no "
-                "longer has",
-                "--hadamard": "the rotation is applied to every weight before calibration"}
+                "longer has"}
 
 
 def check_offload(args):
@@ -252,10 +251,8 @@ def check_offload(args):
     if args.offload is None:
         return
     model_args = parse_model_args(args.model_args)
-    block = None if args.fp_only or quantized_checkpoint(args) else format_settings(args)
     chosen = {**{f"--{name}": value for name, value in vars(args).items()},
-              "--model_args use_accelerate=True": model_args.get("use_accelerate", False),
-              "--hadamard": args.hadamard or (block is not None and block.hadamard)}  # the flag or the config's
+              "--model_args use_accelerate=True": model_args.get("use_accelerate", False)}
     refused = {**OFFLOAD_REFUSED, **(DISK_REFUSED if args.offload == "disk" else {})}
     for option, why in refused.items():
         if chosen[option]:

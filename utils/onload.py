@@ -77,6 +77,11 @@ class Onloader:
         """During the capture of the first block's inputs (utils/pipeline.capture_block_inputs)."""
         yield
 
+    def rewrite_weights(self, model, modules, rewrite):
+        """rewrite(module) on each module's full-precision weights (a rotation folded into them): here at once."""
+        for module in modules:
+            rewrite(module)
+
 
 class StreamingOnloader(Onloader):
     streams = True
@@ -250,6 +255,7 @@ class DiskOnloader(StreamingOnloader):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.stored: set[int] = set()
+        self.rewrites: dict[int, list] = {}  # block index -> [(module, rewrite)] run whenever read from the checkpoint
 
     def block_names(self, index: int) -> list[str]:
         """The block's checkpoint tensors, relative to the block."""
@@ -270,6 +276,15 @@ class DiskOnloader(StreamingOnloader):
             row = math.prod(shape[1:]) or 1
             return part[:-(-count // row)].flatten()[:count].to(self.dtype)
 
+    def rewrite_weights(self, model, modules, rewrite):
+        """A module inside a block on disk is rewritten each time its block is read from the checkpoint."""
+        pending = {id(module): module for module in modules}
+        for index, block in enumerate(model.get_submodule(self.layers)):
+            for module in block.modules():
+                if id(module) in pending:
+                    self.rewrites.setdefault(index, []).append((pending.pop(id(module)), rewrite))
+        super().rewrite_weights(model, pending.values(), rewrite)
+
     @contextmanager
     def onload(self, block, index):
         if index in self.stored:
@@ -285,6 +300,9 @@ class DiskOnloader(StreamingOnloader):
         for key, tensor in tensors.items():
             set_tensor(block, key, tensor.to(self.device))
         del tensors
+        if index not in self.stored:
+            for module, rewrite in self.rewrites.get(index, []):
+                rewrite(module)
         try:
             yield self.device
             # a block holding wrapped linears was calibrated: from now on it is read from its scratch file
