@@ -11,8 +11,10 @@ Where the blocks wait is the model's `onloader` (an attribute set when the model
   in the offload folder, from which evaluation reads them back. Only the quantizers, the online transforms and
   the small tensors that are no checkpoint tensor stay in memory.
 
-utils/pipeline.py, utils/flatquant.py and utils/evaluation.py ask `onloader_of(model)` for each block; this file
-holds no numerics and knows modules only as a block's tensors by name.
+The block-wise code (utils/pipeline.py, utils/flatquant.py, utils/evaluation.py) asks `onloader_of(model)` for each
+block; whole-model callers (lm-eval) run under `onloaded_on_call`, parameter files install through `apply_onloaded`,
+and a rotation folded into the weights goes through `rewrite_weights`. This file holds no numerics and knows modules
+only as a block's tensors by name.
 """
 from __future__ import annotations
 
