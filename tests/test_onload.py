@@ -267,6 +267,31 @@ def test_main_offload_disk_gives_the_same_results(tmp_path):
     assert reloaded["ppl"] == whole["ppl"]
 
 
+def test_main_exports_a_disk_onloaded_model_block_by_block_as_the_whole_one(tmp_path):
+    from safetensors.torch import load_file
+    folder = save_tiny_model(tmp_path / "model")
+    common = ["--model_args", f"pretrained={folder}", "--device", "cpu", "--calib_dataset", "enwiki", "--calib_size",
+              "4", "--calib_seqlen", "32", "--quant_config", "NVFP4_GPTQ_config", "--eval_ppl", "abcnews",
+              "--ppl_seqlen", "32", "--ppl_limit", "4"]
+    for name, flags in (("whole", []), ("disk", ["--offload", "disk"])):
+        main.run(main.build_parser().parse_args(common + ["--ptq_param_path", str(tmp_path / f"{name}.safetensors"),
+                                                          "--save_compressed", str(tmp_path / f"{name}_export"),
+                                                          *flags]))
+    exported = {}
+    for name in ("whole", "disk"):
+        shards = sorted((tmp_path / f"{name}_export").glob("*.safetensors"))
+        exported[name] = {k: v for shard in shards for k, v in load_file(str(shard)).items()}
+    assert len(list((tmp_path / "disk_export").glob("*.safetensors"))) == 3  # outside the blocks, then a shard each
+    assert exported["disk"].keys() == exported["whole"].keys()
+    assert all(torch.equal(exported["disk"][k], exported["whole"][k]) for k in exported["whole"])
+    configs = [json.loads((tmp_path / f"{name}_export" / "config.json").read_text()) for name in ("whole", "disk")]
+    assert configs[0] == configs[1]
+    read_back = [main.run(main.build_parser().parse_args(
+        ["--model_args", f"pretrained={tmp_path / f'{name}_export'}", "--device", "cpu", "--eval_ppl", "abcnews",
+         "--ppl_seqlen", "32", "--ppl_limit", "4"]))["ppl"] for name in ("whole", "disk")]
+    assert read_back[0] == read_back[1]
+
+
 def test_auto_dtype_is_the_checkpoints(tmp_path):
     folder = tmp_path / "bf16"
     tiny_llama().to(torch.bfloat16).save_pretrained(folder)

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from configs import QuantConfig, available, load_config
@@ -21,8 +22,10 @@ from quant_layers.blocks import BlockQuantizer
 from quant_layers.schemes import preset
 
 from .compressed_tensors_io import EXPORTS, e8m0_codes, int_pack, pack_nibbles
+from .adapters import adapter_for
 from .errors import UsageError
 from .files import atomic_write_folder, check_output_folder
+from .onload import onloader_of
 
 SOURCE_FILE = "quantization_source.json"  # which model and config an export holds
 MAX_SHARD_SIZE = "4GB"
@@ -142,22 +145,53 @@ def packed_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def checkpoint_tensors(model, quantized: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
-    """The model's own tensors under their transformers names (quantizer buffers left out), each quantized
-    linear's weight replaced by its packed tensors."""
-    wrappers = [path for path, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+def checkpoint_tensors(model, quantized: dict[str, QuantLinear], root: str = "",
+                       leave_out: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `model` (or of its submodule `root`, less the submodule `leave_out`) under their transformers
+    names, quantizer buffers left out, each quantized linear's weight replaced by its packed tensors."""
+    module = model.get_submodule(root) if root else model
+    prefix = f"{root}." if root else ""
+    outside = (lambda key: not key.startswith(f"{leave_out}.")) if leave_out else (lambda key: True)
+    wrappers = [prefix + path for path, m in module.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     tensors = {}
-    for key, value in model.state_dict().items():
+    for key, value in module.state_dict().items():
+        key = prefix + key
         owner, _, leaf = key.rpartition(".")
         wrapper = next((path for path in wrappers if key.startswith(path + ".")), None)
-        if wrapper is not None and (owner != wrapper or leaf not in ("weight", "bias")):
-            continue  # a quantizer's or transform's buffer
+        if not outside(key) or (wrapper is not None and (owner != wrapper or leaf not in ("weight", "bias"))):
+            continue  # another part's, or a quantizer's or transform's buffer
         if owner in quantized and leaf == "weight":
             continue
         tensors[key] = value.contiguous()
-    for path, module in quantized.items():
-        tensors.update({f"{path}.{name}": value for name, value in packed_tensors(module).items()})
+    for path, linear in quantized.items():
+        if path.startswith(prefix) and outside(path + "."):
+            tensors.update({f"{path}.{name}": value for name, value in packed_tensors(linear).items()})
     return tensors
+
+
+def write_block_by_block(model, quantized: dict, outside: dict, folder: Path):
+    """The shards of a model whose decoder blocks are onloaded one at a time (utils/onload.py): the tensors outside
+    the blocks in one shard, then one shard per block, packed while the block is onloaded; with the index."""
+    onloader, layers = onloader_of(model), adapter_for(model).layers
+    blocks = model.get_submodule(layers)
+    count, weight_map, total = len(blocks) + 1, {}, 0
+
+    def write(number: int, tensors: dict):
+        nonlocal total
+        name = f"model-{number:05d}-of-{count:05d}.safetensors"
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    write(1, outside)
+    for index, block in enumerate(blocks):
+        with onloader.onload(block, index):
+            write(index + 2, checkpoint_tensors(model, quantized, f"{layers}.{index}"))
+    index_file = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2), encoding="utf-8")
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
 
 
 def path_of(model, module: nn.Module) -> str:
@@ -201,12 +235,16 @@ def export(model, folder, tokenizer=None, config: QuantConfig | None = None, *, 
     quantized, format_name = quantized_linears(model)
     identity = export_identity(model_name or getattr(model, "name_or_path", ""), config, format_name)
     check_export_folder(folder, identity)
-    tensors = checkpoint_tensors(model, quantized)
+    streamed = onloader_of(model).streams  # blocks elsewhere: packed and written one block at a time
+    tensors = checkpoint_tensors(model, quantized, leave_out=adapter_for(model).layers if streamed else None)
     ignore = [path for path in linear_paths(model) if path not in quantized]
     tie = tie_embeddings(model, quantized, tensors)
 
     def write(temporary: Path):
-        model.save_pretrained(temporary, state_dict=tensors, max_shard_size=max_shard_size)
+        if streamed:
+            write_block_by_block(model, quantized, tensors, temporary)
+        else:
+            model.save_pretrained(temporary, state_dict=tensors, max_shard_size=max_shard_size)
         config_file = temporary / "config.json"
         written = json.loads(config_file.read_text(encoding="utf-8"))
         written["quantization_config"] = quantization_config(format_name, ignore)
