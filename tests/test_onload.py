@@ -102,8 +102,8 @@ def load_file_into(model, config, path, mode="reload"):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_parameter_file_reloads_into_a_disk_onloaded_model(name, sharded, tmp_path):
-    """--only_eval / --reuse_params with --offload disk: the file is installed one block at a time, and the
-    model evaluates as the whole model with the same file."""
+    """--only_eval / --reuse_params (FlatQuant: --reload_matrix) with --offload disk: the file is installed one
+    block at a time, and the model evaluates as the whole model with the same file."""
     config = CONFIGS[name](load_config(CONFIG_NAMES[name]))
     path = tmp_path / "params.safetensors"
     calibrate(in_memory(sharded), config, path)
@@ -319,9 +319,6 @@ def test_a_non_finite_block_on_disk_is_refused_when_read(tmp_path, capsys):
                                 "disk or drop --offload_folder"),
     (["--offload", "cpu", "--plots"], "--plots cannot run with --offload cpu (the figures run the whole model); drop "
                                       "one of the two"),
-    (["--offload", "disk", "--quant_config", "FlatQuant_config_llama", "--reload_matrix"],
-     "--reload_matrix cannot run with --offload disk (saved matrices are folded into the whole model); drop one of "
-     "the two"),
     (["--offload", "disk", "--resume"], "--resume cannot run with --offload disk (the restored blocks' full-precision "
                                         "outputs need weights that a block kept on disk no longer has); drop one of "
                                         "the two"),

@@ -237,8 +237,7 @@ def check_sequence_lengths(args, model_config, calibrating: bool):
 # what needs the whole model at once, or rewrites weights before the blocks are read from disk
 OFFLOAD_REFUSED = {"--plots": "the figures run the whole model",
                    "--model_args use_accelerate=True": "accelerate's device_map places the blocks itself"}
-DISK_REFUSED = {"--reload_matrix": "saved matrices are folded into the whole model",
-                "--resume": "the restored blocks' full-precision outputs need weights that a block kept on disk no "
+DISK_REFUSED = {"--resume": "the restored blocks' full-precision outputs need weights that a block kept on disk no "
                 "longer has"}
 
 
