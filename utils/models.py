@@ -7,6 +7,9 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -166,10 +169,18 @@ def offline_model_folder(name: str = OFFLINE_MODEL) -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(source.state_dict())
     model.tie_weights()
-    partial = folder.with_name(folder.name + ".part")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    os.replace(partial, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", suffix=".part", dir=folder.parent))  # this process's
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        try:
+            os.rename(partial, folder)
+        except OSError:  # another process converted it meanwhile: its folder is as good
+            if not (folder / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return str(folder)
 
 
