@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from configs import load_config
 from utils import params
 from utils.calibrate import quantize
-from utils.files import atomic_write
+from utils.files import atomic_write, atomic_write_folder, current_umask
 from utils.flatquant import write_matrices
 from utils.report import write_results
 
@@ -82,3 +82,19 @@ def test_two_writers_of_a_matrix_file_leave_one_complete_file(tmp_path):
         value = load_file(str(path))["model.layers.0.t"]
         assert value.eq(value[0, 0]).all() and value[0, 0].item() in (0.0, 1.0)
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_folder_kept_if_present_is_not_replaced_and_nothing_is_left_behind(tmp_path):
+    """keep_existing (the converted offline models): a folder another writer put in place stays as it is; one that
+    is absent is written with ordinary permissions."""
+    target = tmp_path / "cache" / "model"
+
+    def writer(text):
+        return lambda folder: (folder / "config.json").write_text(text)
+    atomic_write_folder(target, writer("first"), keep_existing=True)
+    atomic_write_folder(target, writer("second"), keep_existing=True)
+    assert (target / "config.json").read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["model"]
+    assert target.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+    atomic_write_folder(target, writer("third"))  # without it, the folder is replaced
+    assert (target / "config.json").read_text() == "third"

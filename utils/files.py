@@ -132,11 +132,12 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_folder(path: str | Path, write: Callable[[Path], object]) -> Path:
+def atomic_write_folder(path: str | Path, write: Callable[[Path], object], keep_existing: bool = False) -> Path:
     """Call `write(temporary_folder)` to fill a folder next to `path`, then move it to `path`. On failure nothing
     is left behind and `path` keeps its previous content. An existing `path` is moved aside first and removed
     once the new folder is in place (two renames: a crash between them leaves the old folder under a hidden
-    name, never a half-written one at `path`)."""
+    name, never a half-written one at `path`). `keep_existing`: a folder that another writer put at `path`
+    meanwhile stays, and this one is dropped (a cache that every writer fills alike)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -148,6 +149,9 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], object]) -> Pa
             if file.is_file():
                 with open(file, "rb+") as written:
                     os.fsync(written.fileno())
+        if path.exists() and keep_existing:
+            shutil.rmtree(temporary, ignore_errors=True)
+            return path
         if path.exists():
             previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, previous)

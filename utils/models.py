@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +16,7 @@ from .adapters import ModelAdapter, UnsupportedModel, adapter_for  # noqa: F401 
 from .assets import asset_path, cache_dir
 from .compressed_tensors_io import load_compressed, quantization_config_of
 from .errors import UsageError, UserError
+from .files import atomic_write_folder
 from .onload import load_offloaded, offload_blocks
 
 OFFLINE_MODEL = "smollm2-135m-offline"  # the default model: the asset `python -m utils.assets` fetches
@@ -169,18 +167,12 @@ def offline_model_folder(name: str = OFFLINE_MODEL) -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(source.state_dict())
     model.tie_weights()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", suffix=".part", dir=folder.parent))  # this process's
-    try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        try:
-            os.rename(partial, folder)
-        except OSError:  # another process converted it meanwhile: its folder is as good
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+
+    def write(temporary: Path):
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+    # each process converts into its own folder; one that another process converted meanwhile is as good
+    atomic_write_folder(folder, write, keep_existing=True)
     return str(folder)
 
 
