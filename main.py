@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload", choices=["cpu", "disk"], default=None,
                    help="hold one decoder block at a time on --device for calibration and perplexity: the others wait "
                         "on CPU (cpu) or in the model folder's safetensors shards (disk, for models larger than "
-                        "memory; calibrated blocks go to --offload_folder); lm-eval --tasks then reads each block once per forward")
+                        "memory; calibrated blocks go to --offload_folder); lm-eval --tasks then reads each block "
+                        "once per forward")
     g.add_argument("--offload_folder", default=None, metavar="DIR",
                    help="--offload disk: where calibrated blocks wait (default: a temporary folder, removed at exit)")
     g.add_argument("--plots", action="store_true",

@@ -234,7 +234,7 @@ def check_sequence_lengths(args, model_config, calibrating: bool):
                              f"pass --{name} {positions} or less")
 
 
-# what needs the whole model at once, or rewrites weights before the blocks are read from disk
+# what reads the whole model outside its forward, or needs a calibrated block's full-precision weights again
 OFFLOAD_REFUSED = {"--plots": "the figures run the whole model",
                    "--model_args use_accelerate=True": "accelerate's device_map places the blocks itself"}
 DISK_REFUSED = {"--resume": "the restored blocks' full-precision outputs need weights that a block kept on disk no "
