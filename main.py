@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--feed_quantized", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each block on the previous quantized block's output (default: the config's; on "
                         "in the named formats' GPTQ configs)")
+    q.add_argument("--calib_attention", choices=["eager", "sdpa"], default=None,
+                   help="attention implementation of the calibration forwards (default: the config's: eager in the "
+                        "named formats' configs, as llm-compressor calibrates; else the model's own)")
     q.add_argument("--only_eval", action="store_true", help="skip calibration; load --ptq_param_path")
     q.add_argument("--reuse_params", action="store_true",
                    help="load the parameter file of these exact settings when one exists, else calibrate")
@@ -227,7 +230,8 @@ def make_config(args):
                               format_space=args.format_space, shift_rounding=args.shift_rounding,
                               act_search_tokens=args.act_search_tokens, seed=args.seed)
     changes = {"search": search,
-               "feed_quantized": config.feed_quantized if args.feed_quantized is None else args.feed_quantized}
+               "feed_quantized": config.feed_quantized if args.feed_quantized is None else args.feed_quantized,
+               "calib_attention": args.calib_attention or config.calib_attention}
     if args.preshift:
         changes["preshift"] = args.preshift
     if args.fp_numerics:

@@ -3,8 +3,8 @@ then GPTQ as MXFP4_GPTQ_config (act-order, fed the quantized blocks' outputs): M
 spreads an outlier over its block, where a shared power-of-two scale loses least. It is applied online to the
 inputs, so the model does not export as a compressed-tensors checkpoint. lm_head and the embedding stay in full
 precision, as llm-compressor leaves them (--ignore none quantizes them too)."""
-from configs import BlockSettings, QuantConfig
+from configs import LLM_COMPRESSOR_SETTINGS, BlockSettings, QuantConfig
 
 CONFIG = QuantConfig(name="MXFP4_Hadamard_GPTQ_config", method="gptq",
                      block=BlockSettings("MXFP4", act_order=True, hadamard=True), feed_quantized=True,
-                     quantize_lm_head=False, quantize_embedding=False)
+                     **LLM_COMPRESSOR_SETTINGS)

@@ -12,6 +12,7 @@ from quant_layers.search import SearchSettings
 from utils.errors import UsageError
 
 WEIGHT_QUANTIZERS = ("rtn", "gptq", "fpq_search")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")  # transformers' names, for the calibration forwards
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ class BlockSettings:
         return weight, inputs
 
 
+# What the named formats (methods "rtn", "gptq") share with llm-compressor's defaults, so that their rows compare
+# with its own: lm_head and the embedding stay in full precision, and calibration runs eager attention.
+LLM_COMPRESSOR_SETTINGS = {"quantize_lm_head": False, "quantize_embedding": False, "calib_attention": "eager"}
+
 # The named formats' search: one round (NVFP4's input tensor scale searched on 512 tokens for the RTN weights, then
 # the weights' clip factors for those inputs); --search_round alternates more. MX inputs have no static scale.
 FORMAT_SEARCH = SearchSettings(rounds=1, act_search_tokens=512)
@@ -130,6 +135,9 @@ class QuantConfig:
     quantize_lm_head: bool = True
     quantize_embedding: bool = True
     feed_quantized: bool = False  # calibrate block i+1 on block i's quantized output instead of FP
+    # the attention implementation of the calibration forwards (None: the model's own); the named formats use
+    # llm-compressor's "eager", so that static input scales equal its own bit for bit
+    calib_attention: str | None = None
     search: SearchSettings = field(default_factory=SearchSettings)
     flat: FlatSettings | None = None  # the "flatquant" method's settings
     block: BlockSettings | None = None  # the named formats' settings (methods "rtn" and "gptq")
@@ -142,6 +150,9 @@ class QuantConfig:
                                                  (self.element != "fp" or self.flat is not None)):
             raise UsageError(f"fp_numerics must be one of {NUMERICS}; 'reference' applies to the FP configs of "
                              f"LLM-FP4 (MinMax, FPQ, FPQ baseline), got {self.fp_numerics!r} with {self.name}")
+        if self.calib_attention not in (None, *ATTENTION_IMPLEMENTATIONS):
+            raise UsageError(f"calib_attention must be one of {ATTENTION_IMPLEMENTATIONS} or None (the model's own), "
+                             f"got {self.calib_attention!r}")
         if self.preshift not in ("simulated", "folded"):
             raise UsageError(f"preshift must be 'simulated' or 'folded', got {self.preshift!r}")
         for kind in ("w", "a", "e"):

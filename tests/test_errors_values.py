@@ -49,6 +49,7 @@ def test_a_value_out_of_range_is_refused_before_loading(capsys, monkeypatch, arg
     (["--fp_only", "--preshift", "simulated"], "--preshift", "--fp_only"),
     ([*FLAT, "--preshift", "simulated"], "--preshift", "FlatQuant_config_llama"),
     ([*FLAT, "--feed_quantized"], "--feed_quantized", "FlatQuant_config_llama"),
+    ([*FLAT, "--calib_attention", "eager"], "--calib_attention", "FlatQuant_config_llama"),
     ([*FLAT, "--reuse_params"], "--reuse_params", "FlatQuant_config_llama"),
     ([*FLAT, "--search_round", "2"], "--search_round", "FlatQuant_config_llama"),  # RTN weights: no search
     ([*FLAT, "--gptq", "--search_intervals", "0.1", "1", "5"], "--search_intervals", "FlatQuant_config_llama"),

@@ -144,6 +144,35 @@ def test_model_family_without_adapter_is_refused():
         adapter_for(model)
 
 
+@pytest.mark.parametrize("name", ["FPQ_baseline_config_llama", "NVFP4_GPTQ_config"])
+def test_calibration_runs_the_configured_attention_and_gives_the_model_its_own_back(name, calib_ids):
+    """Every calibration forward (block inputs' capture, blocks, feeding) sees the configured implementation, with
+    the masks built for it; the model's own comes back afterwards, and after a failure too."""
+    seen = []
+    model = tiny_llama()
+    own = model.config._attn_implementation
+    model.model.layers[1].self_attn.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    quantize(model, replace(small(name), calib_attention="eager"), calib_ids, progress=False)
+    assert seen and set(seen) == {"eager"} and model.config._attn_implementation == own == "sdpa"
+
+    failing = tiny_llama()
+    failing.model.layers[1].register_forward_pre_hook(lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        quantize(failing, replace(small(name), calib_attention="eager"), calib_ids, progress=False)
+    assert failing.config._attn_implementation == own
+
+
+def test_the_calibration_attention_names_the_parameter_file():
+    from utils.methods import method_for
+    fingerprint = {"shapes": "0" * 16}
+    for name in ("FPQ_config_llama", "NVFP4_config"):
+        config = load_config(name)
+        paths = {attention: method_for(config).default_path("root", replace(config, calib_attention=attention),
+                                                            "m", fingerprint, "calib")
+                 for attention in (None, "eager", "sdpa")}
+        assert len(set(paths.values())) == 3 and "attn-eager" in paths["eager"].name, paths
+
+
 def test_feed_quantized_changes_later_blocks(calib_ids):
     results = []
     for feed in (False, True):

@@ -205,7 +205,7 @@ def calibrate_formats(model, config: QuantConfig, calib_data: torch.Tensor, adap
     adapter = prepare_formats(model, config, adapter)
     step = BlockFormatStep(config, calib_data.shape[1])
     return calibrate_model(model, step, calib_data, adapter, batch_size, progress, release_originals,
-                           config.feed_quantized, restored_blocks, after_block)
+                           config.feed_quantized, restored_blocks, after_block, config.calib_attention)
 
 
 def check_block_sizes(model, config: QuantConfig, modules: dict | None = None):

@@ -53,6 +53,7 @@ FLAT_FLAGS = tuple(f.name for f in fields(FlatSettings) if f.name != "transform"
 FLAGS_OF_METHODS = {
     "preshift": ("fpq",), "shift_rounding": ("fpq",), "fp_numerics": ("minmax", "fpq_baseline", "fpq"),
     "feed_quantized": ("minmax", "fpq_baseline", "fpq", "rtn", "gptq"),
+    "calib_attention": ("minmax", "fpq_baseline", "fpq", "rtn", "gptq"),
     "reuse_params": ("minmax", "fpq_baseline", "fpq", "rtn", "gptq"),
     **{name: ("fpq_baseline", "fpq", "flatquant") for name in SEARCH_FLAGS},
     **{name: ("flatquant",) for name in FLAT_FLAGS},

@@ -105,7 +105,7 @@ def calibrate_blocks(model, config: QuantConfig, calib_data: torch.Tensor, adapt
     adapter = prepare_model(model, config, adapter)
     step = LLMFP4Step(config, calib_data.shape[1])
     return calibrate_model(model, step, calib_data, adapter, batch_size, progress, release_originals,
-                           config.feed_quantized, restored_blocks, after_block)
+                           config.feed_quantized, restored_blocks, after_block, config.calib_attention)
 
 
 def calibrate_block(block, index, hidden, call_kwargs, adapter, config, batch_size, report):

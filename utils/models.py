@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import re
@@ -43,6 +44,23 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 def set_module(root: nn.Module, path: str, module: nn.Module):
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str | None):
+    """Run the model's attention through transformers' implementation `name` ("eager", "sdpa") for the duration;
+    None keeps the model's own. Masks built inside follow it (sdpa passes none for a plain causal window, eager
+    a float mask), and the two differ in the last bits of their outputs: calibrating with eager attention, as
+    llm-compressor does, gives its static input scales bit for bit."""
+    previous = model.config._attn_implementation
+    if name is None or name == previous:
+        yield
+        return
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
 
 
 def untie_embeddings(model, adapter: ModelAdapter):

@@ -48,7 +48,8 @@ def default_path(root: str | Path, config: QuantConfig, model_name: str, fingerp
     w, a, e, we, ae, ee = config.qbits
     name = (f"W{w}A{a}E{e}_exp{we}{ae}{ee}_round{s.rounds}_gamma{s.gamma_low:g}-{s.gamma_high:g}-{s.n_candidates}"
             f"_{s.grid}-{s.strategy}_{config.preshift}{'_refnumerics' if config.fp_numerics == 'reference' else ''}"
-            f"{'_fedquantized' if config.feed_quantized else ''}_{calib}.safetensors")
+            f"{'_fedquantized' if config.feed_quantized else ''}"
+            f"{'_attn-' + config.calib_attention if config.calib_attention else ''}_{calib}.safetensors")
     return Path(root) / config.name / model_dir / name
 
 

@@ -19,7 +19,7 @@ from quant_layers import QuantEmbedding, QuantLinear
 from quant_layers.flat import KVQuant
 
 from .adapters import ModelAdapter
-from .models import get_module
+from .models import attention_implementation, get_module
 from .onload import moved, onloader_of
 
 
@@ -161,7 +161,7 @@ class PeakMemory:
 @torch.no_grad()
 def calibrate_model(model, step, calib_data: torch.Tensor, adapter: ModelAdapter, batch_size: int = 1,
                     progress: bool = True, release_originals: bool = False, feed_quantized: bool = False,
-                    restored_blocks: int = 0, after_block=None) -> CalibrationReport:
+                    restored_blocks: int = 0, after_block=None, attention: str | None = None) -> CalibrationReport:
     """Calibrate a model whose modules are wrapped, block by block on token windows `calib_data` [N, T], with a
     method's `step`: step.embedding(table), step.block(block, index, hidden, call_kwargs, adapter, batch_size,
     report) -> the block's full-precision output, step.head(lm_head, its inputs [tokens, in]) -> report entry.
@@ -169,10 +169,11 @@ def calibrate_model(model, step, calib_data: torch.Tensor, adapter: ModelAdapter
     Blocks are calibrated on full-precision inputs unless `feed_quantized`. Resuming: `after_block(index, blocks)`
     is called after each finished block (to save the parameters so far); `restored_blocks` says that the table
     and the first blocks already hold the quantizers of an interrupted run of the same settings: they are not
-    calibrated again, only run, so later blocks see the inputs the uninterrupted run gave them.
+    calibrated again, only run, so later blocks see the inputs the uninterrupted run gave them. `attention`: the
+    attention implementation the calibration forwards use (models.attention_implementation; None: the model's).
     """
     report, started = CalibrationReport(), time.perf_counter()
-    with PeakMemory(model.device) as memory:
+    with PeakMemory(model.device) as memory, attention_implementation(model, attention):
         _calibrate_all(model, step, calib_data, adapter, batch_size, progress, report, release_originals,
                        feed_quantized, restored_blocks, after_block)
     report.seconds = time.perf_counter() - started
