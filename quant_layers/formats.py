@@ -131,12 +131,10 @@ def fp_encode(x: torch.Tensor, fmt: FPFormat, bias) -> torch.Tensor:
     """The int32 codes (sign, exponent field, mantissa: 1 + E + M bits, exponent field 0 = subnormal) of
     fp_quantize(x, fmt, bias). A value that rounds up out of the top binade has no code: the reference
     numerics' clip value, which the format does not have, is refused."""
-    dtype = compute_dtype(x)
-    bias = bias.to(dtype) if torch.is_tensor(bias) else torch.tensor(bias, dtype=dtype, device=x.device)
-    maxval = fmt.maxval(bias)
-    clipped = torch.clamp(x.to(dtype), -maxval, maxval)
-    exponent = clipped.abs().log2().add_(bias).floor_().clamp_min_(1)
-    steps = clipped.abs().div_(fmt.step(exponent.clone(), bias)).round_()  # the magnitude in binade steps
+    terms = fp_terms(fmt, bias, compute_dtype(x), x.device)
+    clipped = torch.clamp(x.to(terms.bias.dtype), terms.neg_maxval, terms.maxval)
+    exponent = clipped.abs().log2().add_(terms.bias).floor_().clamp_min_(1)
+    steps = clipped.abs().div_(fmt.step(exponent.clone(), terms.bias, terms.offset)).round_()  # in binade steps
     implicit = 2 ** fmt.mantissa_bits
     carried = steps == 2 * implicit  # rounded up into the next binade: mantissa 0 there
     exponent = torch.where(carried, exponent + 1, exponent)
