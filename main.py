@@ -144,6 +144,9 @@ def add_format_flags(p):
                    help="E8M0 scale of a block maximum: even (compressed-tensors, default), floor (OCP), ceil")
     f.add_argument("--input_tensor_scale", choices=["static", "dynamic"], default=None,
                    help="NVFP4 inputs: FP32 tensor scale from calibration (static, default) or from each input")
+    f.add_argument("--layer_errors", action="store_true", default=None,
+                   help="report every linear's output error with quantized inputs, RTN's and the method's (the "
+                        "search reports it anyway; else it costs two more Gram matrices per linear group)")
 
 
 FLAT_SWITCHES = ("w_asym", "a_asym", "q_asym", "k_asym", "v_asym", "cali_trans", "add_diag", "lwc", "lac",
@@ -240,7 +243,7 @@ def make_config(args):
         changes.update(quantize_lm_head="lm_head" not in args.ignore, quantize_embedding="embedding" not in args.ignore)
     if config.block is not None:
         given = {name: getattr(args, name) for name in ("format", "four_over_six", "hadamard", "mx_rule",
-                                                        "input_tensor_scale", "act_order", "percdamp")
+                                                        "input_tensor_scale", "act_order", "percdamp", "layer_errors")
                  if getattr(args, name) is not None}
         changes["block"] = replace(config.block, **given)
     if config.flat is not None:  # FlatQuant leaves the embedding table alone whatever --qbits says

@@ -61,6 +61,9 @@ class FlatSettings:
             raise UsageError(f"--percdamp must be >= 0, got {self.percdamp}")
 
 
+REPORT_SETTINGS = ("layer_errors",)  # BlockSettings fields that change what is reported, not what is calibrated
+
+
 @dataclass(frozen=True)
 class BlockSettings:
     """A named format (quant_layers.schemes.PRESETS: NVFP4, MXFP4, ..., INT4 in groups of 128) calibrated by the
@@ -74,6 +77,9 @@ class BlockSettings:
     input_tensor_scale: str = "static"  # NVFP4 inputs: FP32 tensor scale calibrated ("static") or per input
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (block scales from the original weight)
     percdamp: float = 0.01
+    # report each linear's output error with quantized inputs, RTN's and the method's, where the method does not
+    # compute it anyway (the search does): two more Gram matrices per linear group; the parameters do not change
+    layer_errors: bool = False
 
     def __post_init__(self):
         if self.format not in PRESETS:
@@ -87,6 +93,10 @@ class BlockSettings:
             raise UsageError(f"--input_tensor_scale must be static or dynamic, got {self.input_tensor_scale!r}")
         if not 0 <= self.percdamp:
             raise UsageError(f"--percdamp must be >= 0, got {self.percdamp}")
+
+    def parameter_settings(self) -> dict:
+        """The settings that decide the parameters: what a parameter file is checked against on reload."""
+        return {name: value for name, value in asdict(self).items() if name not in REPORT_SETTINGS}
 
     def searches_inputs(self) -> bool:
         """The search includes the activation side: NVFP4's static input tensor scale (the only static parameter

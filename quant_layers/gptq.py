@@ -150,9 +150,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, make_quantizer: Q
         for j in range(start, end):
             q[:, j:j + 1] = quantizers[group_of_position[j]](w[:, j:j + 1])
             error = (w[:, j:j + 1] - q[:, j:j + 1]) / hinv[j, j]
-            loss += error.double().square().sum() / 2
             w[:, j + 1:end] -= error * hinv[j, j + 1:end]  # an outer product, elementwise: no BLAS call per column
             errors[:, j - start] = error[:, 0]
+        loss += errors.double().square().sum() / 2
         # the columns after the block receive its errors in one matmul (GPTQ's lazy batch update)
         w[:, end:] -= errors @ hinv[start:end, end:]
 

@@ -83,12 +83,32 @@ def test_the_hadamard_gptq_config_rotates_then_runs_gptq_and_reloads_bit_identic
 
 @pytest.mark.parametrize("format_name", ["NVFP4", "MXFP4"])
 def test_search_and_gptq_lower_every_layers_output_error(format_name, calib_ids):
-    for method, settings in (("rtn", {"search": True}), ("gptq", {}), ("gptq", {"search": True})):
+    for method, settings in (("rtn", {"search": True}), ("gptq", {"layer_errors": True}), ("gptq", {"search": True})):
         report = quantize(tiny_llama(), config_for(format_name, method, **settings), calib_ids, progress=False)
         errors = {path: (entry["output_error"], entry["rtn_output_error"]) for path, entry in report.layers.items()}
         assert len(errors) == 2 * 7 + 1  # and lm_head
         for path, (error, rtn) in errors.items():
             assert error < rtn, (method, settings, path)
+
+
+@pytest.mark.parametrize("method,settings", [("gptq", {}), ("gptq", {"four_over_six": True}),
+                                             ("rtn", {"four_over_six": True})])
+def test_layer_errors_change_the_report_not_the_parameters(method, settings, calib_ids, tmp_path):
+    plain = config_for("NVFP4", method, **settings)
+    reported = replace(plain, block=replace(plain.block, layer_errors=True))
+    path = tmp_path / "p.safetensors"
+    model, with_errors = tiny_llama(), tiny_llama()
+    quiet = quantize(model, plain, calib_ids, progress=False, files=ParamFile(path))
+    loud = quantize(with_errors, reported, calib_ids, progress=False)
+    assert torch.equal(logits(with_errors, calib_ids), logits(model, calib_ids))
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert "output_error" in loud.layers[q_proj] and "rtn_output_error" in loud.layers[q_proj]
+    # GPTQ with four over six weighs its blocks by the quantized inputs, so it reports their error anyway
+    assert ("output_error" in quiet.layers[q_proj]) == (method == "gptq" and "four_over_six" in settings)
+    assert ("gptq_loss" in quiet.layers[q_proj]) == (method == "gptq")
+    fresh = tiny_llama()  # a file of the same parameters reloads whatever the report asked for
+    assert quantize(fresh, reported, None, progress=False, files=ParamFile(path, "reload")).loaded
+    assert torch.equal(logits(fresh, calib_ids), logits(model, calib_ids))
 
 
 def test_the_hadamard_rotation_leaves_the_full_precision_model_unchanged(calib_ids):

@@ -130,7 +130,8 @@ def test_learned_row_clip_sets_the_deployed_block_scales_and_fused_layers_share_
             assert all(torch.equal(s, scales[0]) for s in scales)
 
 
-@pytest.mark.parametrize("name,block", [("NVFP4_FlatQuant_GPTQ_config", {}), ("NVFP4_FlatQuant_config", {"search": True}),
+@pytest.mark.parametrize("name,block", [("NVFP4_FlatQuant_GPTQ_config", {"layer_errors": True}),
+                                        ("NVFP4_FlatQuant_config", {"search": True}),
                                         ("MXFP4_FlatQuant_config", {"search": True})])
 def test_gptq_and_clip_search_lower_every_layers_output_error(name, block, calib_ids):
     config = flat_config(name, block)

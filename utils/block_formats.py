@@ -31,9 +31,6 @@ from .errors import UsageError
 from .onload import onloader_of
 from .pipeline import CalibrationReport, calibrate_model, capture_linear_inputs, quant_modules
 
-GRAM_CHUNK = 4096  # tokens per Gram-matrix update: bounds the quantized copy of the inputs
-
-
 class BlockFormatStep:
     """pipeline.calibrate_model's step for a config with `block` settings, on calibration windows of `window`
     tokens."""
@@ -43,6 +40,11 @@ class BlockFormatStep:
         self.weight_scheme, self.input_scheme = config.block.schemes()
         # FlatQuant's folded weights choose GPTQ by their own setting (the method is then "flatquant")
         self.use_gptq = config.method == "gptq" or (config.flat is not None and config.flat.weight_quantizer == "gptq")
+        settings = self.settings
+        self.method_reads_grams = settings.search or self.use_gptq
+        # Xq'X and Xq'Xq: the output error with quantized inputs, which the clip search minimises and which weights
+        # four over six's choice; else they cost two more Gram matrices only for the report (--layer_errors)
+        self.output_errors = settings.search or (self.use_gptq and settings.four_over_six) or settings.layer_errors
 
     def embedding(self, table: QuantEmbedding):
         table.weight_quantizer = make_quantizer(self.weight_scheme, table.weight.detach().float())
@@ -70,7 +72,8 @@ class BlockFormatStep:
         tensor_scale = self.shared_tensor_scale([m.weight for m in modules.values()])
         if self.settings.searches_inputs():
             act = self.search_inputs(modules, inputs, act, tensor_scale, clips, split)
-        grams = self.grams(inputs, act, split) if self.settings.search or self.use_gptq else None
+        wanted = self.method_reads_grams or self.settings.layer_errors
+        grams = self.grams(inputs, act, split, self.output_errors) if wanted else None
         report = {}
         for path, module in modules.items():
             module.act_quantizer = None if act is None else copy.deepcopy(act)  # each module saves its own
@@ -84,24 +87,26 @@ class BlockFormatStep:
         aim = FOUR_OVER_SIX_E4M3_MAX if self.settings.four_over_six else E4M3_MAX
         return torch.stack([nvfp4_tensor_scale(w.detach().abs().amax(), aim) for w in weights]).min()
 
-    @staticmethod
-    def grams(inputs: torch.Tensor, act: nn.Module | None, split: TokenSplit = LOCAL) -> dict:
-        """X'X, Xq'X and Xq'Xq over the calibration tokens (Xq: the inputs as the input quantizer leaves them), summed
-        over every data-parallel rank's tokens. The sums run in float64 and are rounded to float32 once, so they do
-        not depend on how the tokens are split over ranks and chunks (but for a rare tie at float32's last bit):
-        GPTQ's act-order sorts the columns by this diagonal, and a swap of two near-equal entries changes every
-        later code."""
+    def grams(self, inputs: torch.Tensor, act: nn.Module | None, split: TokenSplit = LOCAL,
+              quantized: bool = True) -> dict:
+        """X'X over the calibration tokens, and with `quantized` Xq'X and Xq'Xq (Xq: the inputs as the input
+        quantizer leaves them), summed over every data-parallel rank's tokens. Each window's product is a float32
+        matmul; the windows' products are summed in float64 and rounded to float32 once, so the Grams do not
+        depend on how the windows are dealt to ranks (but for a rare tie at float32's last bit): GPTQ's act-order
+        sorts the columns by this diagonal, and a swap of two near-equal entries changes every later code."""
         features = inputs.shape[-1]
-        grams = {key: torch.zeros(features, features, device=inputs.device, dtype=torch.float64)
-                 for key in ("xx", "qx", "qq")}
-        for start in range(0, inputs.shape[0], GRAM_CHUNK):
-            x = inputs[start:start + GRAM_CHUNK].float()
-            xq = (x if act is None else act(x)).double()
-            x = x.double()
-            grams["xx"].addmm_(x.T, x)
-            grams["qx"].addmm_(xq.T, x)
-            grams["qq"].addmm_(xq.T, xq)
-        grams = {key: split.sum(gram).float() for key, gram in grams.items()}
+        keys = ("xx", "qx", "qq") if quantized and act is not None else ("xx",)
+        sums = {key: torch.zeros(features, features, device=inputs.device, dtype=torch.float64) for key in keys}
+        for start in range(0, inputs.shape[0], self.window):
+            x = inputs[start:start + self.window].float()
+            sums["xx"] += x.T @ x
+            if "qq" in sums:
+                xq = act(x)
+                sums["qx"] += xq.T @ x
+                sums["qq"] += xq.T @ xq
+        grams = {key: split.sum(total).float() for key, total in sums.items()}
+        if quantized and act is None:  # weight-only: the inputs are not quantized
+            grams["qx"] = grams["qq"] = grams["xx"]
         grams["tokens"] = split.count(inputs.shape[0])
         return grams
 
@@ -125,7 +130,7 @@ class BlockFormatStep:
 
     @staticmethod
     def output_error(w: torch.Tensor, grams: dict | None) -> OutputError | None:
-        return None if grams is None else OutputError(w, grams["qq"], grams["qx"], grams["xx"])
+        return None if grams is None or "qq" not in grams else OutputError(w, grams["qq"], grams["qx"], grams["xx"])
 
     def weight_options(self, w: torch.Tensor, tensor_scale, error: OutputError | None, clip=None) -> dict:
         """weight_quantizer's options for w: the group's tensor scale, four over six weighted by the inputs, and
@@ -143,14 +148,14 @@ class BlockFormatStep:
     def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None, clip=None) -> dict:
         w = module.weight.detach().float()
         error = self.output_error(w, grams)
-        options = self.weight_options(w, tensor_scale, error, clip)
+        options = self.weight_options(w, tensor_scale, error if self.method_reads_grams else None, clip)
         entry = {"w_format": self.weight_scheme.name,
                  "a_format": self.input_scheme.name if self.input_scheme else None}
         if error is not None:
             rtn = weight_quantizer(self.weight_scheme, w, **{k: v for k, v in options.items() if k != "clip"})
             entry["rtn_output_error"] = error(rtn(w)).sum().item()
         if self.use_gptq:
-            self.gptq(module, w, grams, options)
+            entry["gptq_loss"] = self.gptq(module, w, grams, options)
         else:
             module.weight_quantizer = weight_quantizer(self.weight_scheme, w, **options)
             module.freeze()
@@ -158,10 +163,10 @@ class BlockFormatStep:
             entry["output_error"] = error(module.quantized_weight.float()).sum().item()
         return entry
 
-    def gptq(self, module: QuantLinear, w: torch.Tensor, grams: dict, options: dict):
+    def gptq(self, module: QuantLinear, w: torch.Tensor, grams: dict, options: dict) -> float:
         """GPTQ against the Hessian of the full-precision inputs; each block's scales come from the weights GPTQ
         has updated when it reaches the block (from the original weight with act-order, so that a block's
-        columns stay together)."""
+        columns stay together). Returns GPTQ's loss (its predicted output error per token)."""
         options = {k: v for k, v in options.items() if k != "importance"}
         clip = options.pop("clip", None)
         hessian = grams["xx"] * (2 / grams["tokens"])  # GPTQ's H = 2/N X'X
@@ -175,6 +180,7 @@ class BlockFormatStep:
         module.weight.data.copy_(result.weight.to(module.weight.dtype))
         module.weight_quantizer = result.weight_quantizer()
         module.freeze(on_grid=True)
+        return result.loss
 
 
 def prepare_formats(model, config: QuantConfig, adapter: ModelAdapter | None = None) -> ModelAdapter:

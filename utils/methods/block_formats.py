@@ -3,8 +3,9 @@ output-error clip search and four over six as options. Parameter files: written 
 reloadable (GPTQ's weights are stored as their element codes)."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
+
+from configs import REPORT_SETTINGS
 
 from ..block_formats import calibrate_formats, prepare_formats
 from ..errors import ParamFileError, UsageError
@@ -57,7 +58,9 @@ class BlockFormats(Method):
 def check_same_settings(path: Path, config):
     """A file of the same config name but other format settings (e.g. another --format) is refused."""
     saved = read_metadata(path)["config"]
-    for key, wanted in (("block", asdict(config.block)), ("method", config.method),
+    saved_block = saved.get("block") and {k: v for k, v in saved["block"].items() if k not in REPORT_SETTINGS}
+    saved = {**saved, "block": saved_block}
+    for key, wanted in (("block", config.block.parameter_settings()), ("method", config.method),
                         ("quantize_lm_head", config.quantize_lm_head),
                         ("quantize_embedding", config.quantize_embedding)):
         if saved.get(key) != wanted:
