@@ -60,7 +60,19 @@ class GPTQResult:
     weight: torch.Tensor  # the quantized weight, in the input weight's dtype
     quantizers: list[nn.Module]  # one per group: quantizers[group_index[j]] quantizes column j
     group_index: torch.Tensor  # [in] long: the group of each column, in the weight's column order
-    loss: float  # see gptq_quantize and rtn_quantize
+    row_losses: torch.Tensor  # [out] float64: each row's share of the loss
+
+    @property
+    def loss(self) -> float:
+        """See gptq_quantize and rtn_quantize."""
+        return float(self.row_losses.sum())
+
+    def rows(self, rows: slice) -> "GPTQResult":
+        """The result for a run of rows alone. GPTQ treats every row on its own (a row's updates read only the
+        row and H), so this is what quantizing those rows alone gives: layers that read the same inputs, stacked,
+        are quantized in one pass over the columns."""
+        return GPTQResult(self.weight[rows], [rows_of(q, rows) for q in self.quantizers], self.group_index,
+                          self.row_losses[rows])
 
     def weight_quantizer(self) -> nn.Module:
         """One quantizer holding every group's range (per row, or per row x group), on whose grid `weight` lies.
@@ -91,6 +103,18 @@ def merge_row_quantizers(quantizers: list[nn.Module], group_size: int) -> nn.Mod
                               first.tensor_scale, rule=first.rule or "even")
     return IntQuantizer(first.bits, first.symmetric, stacked("scale"), stacked("zero"),
                         full_range=first.full_range, group_size=group_size)
+
+
+def rows_of(quantizer: nn.Module, rows: slice) -> nn.Module:
+    """The quantizer of a run of rows of a per-row quantizer (one range per row, or per row x group)."""
+    if isinstance(quantizer, FPQuantizer):
+        return FPQuantizer(quantizer.fmt, quantizer.bias[rows], group_size=quantizer.group_size)
+    if isinstance(quantizer, BlockQuantizer):
+        return BlockQuantizer(quantizer.fmt, quantizer.block_size, quantizer.encoding, quantizer.scale[rows],
+                              quantizer.tensor_scale, rule=quantizer.rule or "even")
+    zero = None if quantizer.zero is None else quantizer.zero[rows]
+    return IntQuantizer(quantizer.bits, quantizer.symmetric, quantizer.scale[rows], zero,
+                        full_range=quantizer.full_range, group_size=quantizer.group_size)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, make_quantizer: QuantizerFactory, *,
@@ -142,7 +166,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, make_quantizer: Q
         starts |= set(range(0, in_features, groupsize))
     edges = sorted(starts) + [in_features]
     q = torch.zeros_like(w)
-    loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    row_losses = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for start, end in zip(edges[:-1], edges[1:]):
         if dynamic_groups and start % groupsize == 0:
             quantizers.append(make_quantizer(w[:, start:start + groupsize]))
@@ -152,12 +176,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, make_quantizer: Q
             error = (w[:, j:j + 1] - q[:, j:j + 1]) / hinv[j, j]
             w[:, j + 1:end] -= error * hinv[j, j + 1:end]  # an outer product, elementwise: no BLAS call per column
             errors[:, j - start] = error[:, 0]
-        loss += errors.double().square().sum() / 2
+        row_losses += errors.double().square().sum(1) / 2
         # the columns after the block receive its errors in one matmul (GPTQ's lazy batch update)
         w[:, end:] -= errors @ hinv[start:end, end:]
 
     q = q[:, torch.argsort(order)]
-    return GPTQResult(q.to(weight.dtype), quantizers, group_index, float(loss))
+    return GPTQResult(q.to(weight.dtype), quantizers, group_index, row_losses)
 
 
 def rtn_quantize(weight: torch.Tensor, make_quantizer: QuantizerFactory, groupsize: int = -1) -> GPTQResult:
@@ -167,7 +191,7 @@ def rtn_quantize(weight: torch.Tensor, make_quantizer: QuantizerFactory, groupsi
     quantizers, group_index = _quantizers_up_front(w, make_quantizer, groupsize)
     width = groupsize if groupsize > 0 else w.shape[1]
     q = torch.cat([quantizer(w[:, i * width:(i + 1) * width]) for i, quantizer in enumerate(quantizers)], dim=1)
-    return GPTQResult(q.to(weight.dtype), quantizers, group_index, float((w - q).double().square().sum()))
+    return GPTQResult(q.to(weight.dtype), quantizers, group_index, (w - q).double().square().sum(1))
 
 
 def _quantizers_up_front(w: torch.Tensor, make_quantizer: QuantizerFactory, groupsize: int):

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from quant_layers import FPFormat, FPQuantizer, HessianAccumulator, IntQuantizer, gptq_quantize, rtn_quantize
+from quant_layers.block_search import group_quantizer
+from quant_layers.schemes import preset
 
 
 def int4(w):
@@ -190,6 +192,31 @@ def test_blocksize_does_not_change_the_result():
                 rows_apart = (~torch.isclose(result.weight, reference.weight, rtol=1e-5, atol=0)).any(1).sum()
                 assert rows_apart <= 1, (options, blocksize, rows_apart)
                 assert result.loss == pytest.approx(reference.loss, rel=1e-4)
+
+
+def nvfp4_columns(w):
+    """GPTQ's NVFP4 group quantizer (one E4M3-scaled block per row) under a fixed tensor scale, as fused layers
+    share one."""
+    weight_scheme, _ = preset("NVFP4")
+    return group_quantizer(weight_scheme, w, tensor_scale=torch.tensor(0.01))
+
+
+@pytest.mark.parametrize("make_quantizer", [int4_asym, fp4, nvfp4_columns])
+@pytest.mark.parametrize("options", [{}, {"groupsize": 16}, {"groupsize": 16, "act_order": True},
+                                     {"groupsize": 16, "act_order": True, "static_groups": True}])
+def test_rows_of_a_stacked_weight_are_each_parts_own_gptq(make_quantizer, options):
+    # layers that read the same inputs (q/k/v) are quantized stacked by rows: GPTQ treats each row on its own
+    w, _, h = correlated_problem(out_features=40, in_features=64)
+    stacked = gptq_quantize(w, h, make_quantizer, **options)
+    for rows in (slice(0, 24), slice(24, 32), slice(32, 40)):
+        alone, part = gptq_quantize(w[rows], h, make_quantizer, **options), stacked.rows(rows)
+        # bit for bit, but for LLM-FP4's per-row bias, whose grid values (exp2 of the bias) may differ in the last
+        # bit between tensors of other lengths (vectorised and scalar transcendental loops)
+        exact = {"rtol": 0, "atol": 0} if make_quantizer is not fp4 else {"rtol": 1e-6, "atol": 0}
+        torch.testing.assert_close(part.weight, alone.weight, **exact)
+        torch.testing.assert_close(part.weight_quantizer()(w[rows]), alone.weight_quantizer()(w[rows]), **exact)
+        assert torch.allclose(part.row_losses, alone.row_losses, rtol=1e-5, atol=0)
+    assert stacked.loss == pytest.approx(sum(stacked.rows(r).loss for r in (slice(0, 20), slice(20, 40))), rel=1e-12)
 
 
 def test_dead_inputs_give_zero_columns_that_do_not_widen_the_range():

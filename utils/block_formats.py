@@ -42,9 +42,9 @@ class BlockFormatStep:
         self.use_gptq = config.method == "gptq" or (config.flat is not None and config.flat.weight_quantizer == "gptq")
         settings = self.settings
         self.method_reads_grams = settings.search or self.use_gptq
-        # Xq'X and Xq'Xq: the output error with quantized inputs, which the clip search minimises and which weights
-        # four over six's choice; else they cost two more Gram matrices only for the report (--layer_errors)
-        self.output_errors = settings.search or (self.use_gptq and settings.four_over_six) or settings.layer_errors
+        # Xq'X and Xq'Xq: the output error with quantized inputs, which the clip search minimises (and by which it
+        # weighs four over six's choice); else they cost two more Gram matrices only for the report (--layer_errors)
+        self.output_errors = settings.search or settings.layer_errors
 
     def embedding(self, table: QuantEmbedding):
         table.weight_quantizer = make_quantizer(self.weight_scheme, table.weight.detach().float())
@@ -74,10 +74,23 @@ class BlockFormatStep:
             act = self.search_inputs(modules, inputs, act, tensor_scale, clips, split)
         wanted = self.method_reads_grams or self.settings.layer_errors
         grams = self.grams(inputs, act, split, self.output_errors) if wanted else None
-        report = {}
-        for path, module in modules.items():
+        weights = {path: module.weight.detach().float() for path, module in modules.items()}
+        errors = {path: self.output_error(w, grams) for path, w in weights.items()}
+        options = {path: self.weight_options(w, tensor_scale, errors[path] if self.method_reads_grams else None,
+                                             (clips or {}).get(path)) for path, w in weights.items()}
+        report = {path: self.rtn_entry(weights[path], errors[path], options[path]) for path in modules}
+        for module in modules.values():
             module.act_quantizer = None if act is None else copy.deepcopy(act)  # each module saves its own
-            report[path] = self.quantize_weight(module, tensor_scale, grams, (clips or {}).get(path))
+        if self.use_gptq:
+            for path, loss in self.gptq(modules, weights, grams, options).items():
+                report[path]["gptq_loss"] = loss
+        else:
+            for path, module in modules.items():
+                module.weight_quantizer = weight_quantizer(self.weight_scheme, weights[path], **options[path])
+                module.freeze()
+        for path, module in modules.items():
+            if errors[path] is not None:
+                report[path]["output_error"] = errors[path](module.quantized_weight.float()).sum().item()
         return report
 
     def shared_tensor_scale(self, weights: list[torch.Tensor]) -> torch.Tensor | None:
@@ -145,42 +158,45 @@ class BlockFormatStep:
                 self.weight_scheme, rows, **{**options, "clip": clip}), self.config.search)
         return options
 
-    def quantize_weight(self, module: QuantLinear, tensor_scale, grams: dict | None, clip=None) -> dict:
-        w = module.weight.detach().float()
-        error = self.output_error(w, grams)
-        options = self.weight_options(w, tensor_scale, error if self.method_reads_grams else None, clip)
+    def rtn_entry(self, w: torch.Tensor, error: OutputError | None, options: dict) -> dict:
+        """A linear's report entry: its formats, and with the output errors RTN's (no clip: the search's baseline)."""
         entry = {"w_format": self.weight_scheme.name,
                  "a_format": self.input_scheme.name if self.input_scheme else None}
         if error is not None:
             rtn = weight_quantizer(self.weight_scheme, w, **{k: v for k, v in options.items() if k != "clip"})
             entry["rtn_output_error"] = error(rtn(w)).sum().item()
-        if self.use_gptq:
-            entry["gptq_loss"] = self.gptq(module, w, grams, options)
-        else:
-            module.weight_quantizer = weight_quantizer(self.weight_scheme, w, **options)
-            module.freeze()
-        if error is not None:
-            entry["output_error"] = error(module.quantized_weight.float()).sum().item()
         return entry
 
-    def gptq(self, module: QuantLinear, w: torch.Tensor, grams: dict, options: dict) -> float:
-        """GPTQ against the Hessian of the full-precision inputs; each block's scales come from the weights GPTQ
-        has updated when it reaches the block (from the original weight with act-order, so that a block's
-        columns stay together). Returns GPTQ's loss (its predicted output error per token)."""
-        options = {k: v for k, v in options.items() if k != "importance"}
-        clip = options.pop("clip", None)
+    def gptq(self, modules: dict[str, QuantLinear], weights: dict, grams: dict, options: dict) -> dict[str, float]:
+        """GPTQ against the Hessian of the full-precision inputs, on the group's weights stacked by rows: one pass
+        over the columns for all of them (GPTQResult.rows). Each block's scales come from the weights GPTQ has
+        updated when it reaches the block (from the original weight with act-order, so that a block's columns
+        stay together). Returns each module's GPTQ loss (its predicted output error per token)."""
+        rows = {path: w.shape[0] for path, w in weights.items()}
+        clips = [options[path].get("clip") for path in modules]
+        clip = None if all(c is None for c in clips) else torch.cat(
+            [torch.ones(rows[path], 1, device=w.device) if c is None else c.reshape(-1, 1)
+             for (path, w), c in zip(weights.items(), clips)])
+        # the group's tensor scale and four over six; each row's clip; four over six weighs the blocks of GPTQ's
+        # columns by their own error, not by the inputs' importance
+        shared = {k: v for k, v in next(iter(options.values())).items() if k not in ("clip", "importance")}
         hessian = grams["xx"] * (2 / grams["tokens"])  # GPTQ's H = 2/N X'X
 
         def make(columns):  # GPTQ hands the columns of one group; the row clip applies to every group
-            return group_quantizer(self.weight_scheme, columns, clip=clip, **options)
+            return group_quantizer(self.weight_scheme, columns, clip=clip, **shared)
 
-        result = gptq_quantize(w, hessian, make, percdamp=self.settings.percdamp,
+        result = gptq_quantize(torch.cat(list(weights.values())), hessian, make, percdamp=self.settings.percdamp,
                                act_order=self.settings.act_order, groupsize=self.weight_scheme.group_size,
                                static_groups=self.settings.act_order)
-        module.weight.data.copy_(result.weight.to(module.weight.dtype))
-        module.weight_quantizer = result.weight_quantizer()
-        module.freeze(on_grid=True)
-        return result.loss
+        losses, start = {}, 0
+        for path, module in modules.items():
+            part = result.rows(slice(start, start + rows[path]))
+            start += rows[path]
+            module.weight.data.copy_(part.weight.to(module.weight.dtype))
+            module.weight_quantizer = part.weight_quantizer()
+            module.freeze(on_grid=True)
+            losses[path] = part.loss
+        return losses
 
 
 def prepare_formats(model, config: QuantConfig, adapter: ModelAdapter | None = None) -> ModelAdapter:
