@@ -27,6 +27,34 @@ class HessianNotPositiveDefinite(ValueError):
     """The damped Hessian has no Cholesky factor: the calibration inputs do not determine the weight."""
 
 
+# X'X is symmetric: of a GRAM_PARTS x GRAM_PARTS tiling only the tiles on and above the diagonal are computed
+# (3 of 4: a quarter of the work saved, in few enough matmuls that a GPU does not wait on launches)
+GRAM_PARTS = 2
+
+
+def gram_tiles(features: int) -> list[tuple[slice, slice]]:
+    """(rows, columns) of the tiles on and above the diagonal of a features x features matrix."""
+    edges = [round(i * features / GRAM_PARTS) for i in range(GRAM_PARTS + 1)]
+    spans = [slice(start, end) for start, end in zip(edges, edges[1:])]
+    return [(rows, columns) for i, rows in enumerate(spans) for columns in spans[i:]]
+
+
+def add_upper_gram(total: torch.Tensor, x: torch.Tensor):
+    """total += x'x for x [tokens, features], on the tiles on and above the diagonal only (full_gram completes it).
+    The products run in x's dtype and are added in total's (a float64 total sums float32 products)."""
+    for rows, columns in gram_tiles(x.shape[1]):
+        total[rows, columns] += x[:, rows].T @ x[:, columns]
+
+
+def full_gram(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose tiles on and above the diagonal are those of `upper` (add_upper_gram's sums)."""
+    full = upper.clone()
+    for rows, columns in gram_tiles(upper.shape[0]):
+        if rows != columns:
+            full[columns, rows] = upper[rows, columns].T
+    return full
+
+
 class HessianAccumulator:
     """H = 2/N sum x x^T over the N input vectors of a linear layer, fed in batches as they arrive."""
 

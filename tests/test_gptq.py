@@ -5,6 +5,7 @@ import torch
 
 from quant_layers import FPFormat, FPQuantizer, HessianAccumulator, IntQuantizer, gptq_quantize, rtn_quantize
 from quant_layers.block_search import group_quantizer
+from quant_layers.gptq import add_upper_gram, full_gram
 from quant_layers.schemes import preset
 
 
@@ -192,6 +193,18 @@ def test_blocksize_does_not_change_the_result():
                 rows_apart = (~torch.isclose(result.weight, reference.weight, rtol=1e-5, atol=0)).any(1).sum()
                 assert rows_apart <= 1, (options, blocksize, rows_apart)
                 assert result.loss == pytest.approx(reference.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("features", [1, 7, 64, 576])
+def test_the_upper_gram_completed_is_x_transpose_x_and_exactly_symmetric(features):
+    x = torch.randn(100, features, generator=torch.Generator().manual_seed(features))
+    upper = torch.zeros(features, features, dtype=torch.float64)
+    add_upper_gram(upper, x[:60])
+    add_upper_gram(upper, x[60:])
+    gram = full_gram(upper)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, (x.double().T @ x.double()), rtol=1e-5, atol=1e-4)
+    assert torch.equal(full_gram(upper), gram)  # upper is left as it was
 
 
 def nvfp4_columns(w):

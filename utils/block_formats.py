@@ -20,16 +20,16 @@ from quant_layers import QuantEmbedding, QuantLinear, make_quantizer
 from quant_layers.block_search import (OutputError, group_quantizer, search_clip, search_input_tensor_scale,
                                        weight_quantizer)
 from quant_layers.blocks import FOUR_OVER_SIX_E4M3_MAX, E4M3_MAX, nvfp4_tensor_scale
-from quant_layers.gptq import gptq_quantize
+from quant_layers.gptq import add_upper_gram, full_gram, gptq_quantize
 from quant_layers.rotations import BlockHadamard
 from quant_layers.search import LOCAL, TokenSplit
 
 from .adapters import ModelAdapter
-from .distributed import input_maxima, token_split
+from .distributed import token_split
 from .llm_fp4 import prepare_model
 from .errors import UsageError
 from .onload import onloader_of
-from .pipeline import CalibrationReport, calibrate_model, capture_linear_inputs, quant_modules
+from .pipeline import CalibrationReport, calibrate_model, quant_modules, record_inputs
 
 class BlockFormatStep:
     """pipeline.calibrate_model's step for a config with `block` settings, on calibration windows of `window`
@@ -51,29 +51,34 @@ class BlockFormatStep:
         table.freeze()
 
     def block(self, block, index, hidden, call_kwargs, adapter, batch_size, report):
-        heads = [group[0] for group in adapter.linear_groups]
-        fp_out, inputs = capture_linear_inputs(block, heads, hidden, call_kwargs, batch_size)
+        inputs = {group[0]: self.group_inputs(block.get_submodule(group[0])) for group in adapter.linear_groups}
+        fp_out = record_inputs(block, list(inputs), hidden, call_kwargs, lambda name, x: inputs[name].add(x),
+                               batch_size)
         for group in adapter.linear_groups:
             modules = {f"{adapter.layers}.{index}.{name}": block.get_submodule(name) for name in group}
-            report.layers.update(self.calibrate_group(modules, inputs[group[0]]))
+            report.layers.update(self.calibrate_group(modules, inputs.pop(group[0])))
         return fp_out
 
     def head(self, head: QuantLinear, inputs: torch.Tensor) -> dict:
-        return self.calibrate_group({"lm_head": head}, inputs)["lm_head"]
+        gathered = self.group_inputs(head)
+        gathered.add(inputs)
+        return self.calibrate_group({"lm_head": head}, gathered)["lm_head"]
 
-    def calibrate_group(self, modules: dict[str, QuantLinear], inputs: torch.Tensor, clips: dict | None = None) -> dict:
-        """Quantize linears that read the same inputs [tokens, in]; returns a report entry per module path.
-        `clips`: {path: per-row clip factor [rows, 1]} of the block scales (FlatQuant's learned ones), replaced by
-        the searched ones when the search is on."""
-        transform = next(iter(modules.values())).input_transform  # the Hadamard rotation, when asked for
-        inputs = inputs if transform is None else transform(inputs)
-        split = token_split(inputs.shape[0], self.window)
-        act = make_quantizer(self.input_scheme, input_maxima(inputs, split)) if self.input_scheme is not None else None
+    def group_inputs(self, head: QuantLinear) -> "GroupInputs":
+        """An empty GroupInputs for the linears that read `head`'s inputs, gathering what this config reads."""
+        return GroupInputs(head.input_transform, self.window, gram=self.method_reads_grams or self.settings.layer_errors,
+                           keep=self.output_errors)
+
+    def calibrate_group(self, modules: dict[str, QuantLinear], inputs: "GroupInputs", clips: dict | None = None) -> dict:
+        """Quantize linears that read the same inputs (gathered by group_inputs); returns a report entry per module
+        path. `clips`: {path: per-row clip factor [rows, 1]} of the block scales (FlatQuant's learned ones),
+        replaced by the searched ones when the search is on."""
+        split = token_split(inputs.tokens, self.window)
+        act = None if self.input_scheme is None else make_quantizer(self.input_scheme, split.max(inputs.maxima))
         tensor_scale = self.shared_tensor_scale([m.weight for m in modules.values()])
         if self.settings.searches_inputs():
             act = self.search_inputs(modules, inputs, act, tensor_scale, clips, split)
-        wanted = self.method_reads_grams or self.settings.layer_errors
-        grams = self.grams(inputs, act, split, self.output_errors) if wanted else None
+        grams = self.grams(inputs, act, split, self.output_errors) if inputs.xx is not None else None
         weights = {path: module.weight.detach().float() for path, module in modules.items()}
         errors = {path: self.output_error(w, grams) for path, w in weights.items()}
         options = {path: self.weight_options(w, tensor_scale, errors[path] if self.method_reads_grams else None,
@@ -100,35 +105,32 @@ class BlockFormatStep:
         aim = FOUR_OVER_SIX_E4M3_MAX if self.settings.four_over_six else E4M3_MAX
         return torch.stack([nvfp4_tensor_scale(w.detach().abs().amax(), aim) for w in weights]).min()
 
-    def grams(self, inputs: torch.Tensor, act: nn.Module | None, split: TokenSplit = LOCAL,
+    def grams(self, inputs: "GroupInputs", act: nn.Module | None, split: TokenSplit = LOCAL,
               quantized: bool = True) -> dict:
         """X'X over the calibration tokens, and with `quantized` Xq'X and Xq'Xq (Xq: the inputs as the input
-        quantizer leaves them), summed over every data-parallel rank's tokens. Each window's product is a float32
-        matmul; the windows' products are summed in float64 and rounded to float32 once, so the Grams do not
-        depend on how the windows are dealt to ranks (but for a rare tie at float32's last bit): GPTQ's act-order
-        sorts the columns by this diagonal, and a swap of two near-equal entries changes every later code."""
-        features = inputs.shape[-1]
-        keys = ("xx", "qx", "qq") if quantized and act is not None else ("xx",)
-        sums = {key: torch.zeros(features, features, device=inputs.device, dtype=torch.float64) for key in keys}
-        for start in range(0, inputs.shape[0], self.window):
-            x = inputs[start:start + self.window].float()
-            sums["xx"] += x.T @ x
-            if "qq" in sums:
-                xq = act(x)
-                sums["qx"] += xq.T @ x
-                sums["qq"] += xq.T @ xq
-        grams = {key: split.sum(total).float() for key, total in sums.items()}
+        quantizer leaves them), summed over every data-parallel rank's tokens as GroupInputs sums X'X: float32
+        products per window, their sum in float64, rounded to float32 once."""
+        grams = {"xx": full_gram(split.sum(inputs.xx)).float(), "tokens": split.count(inputs.tokens)}
         if quantized and act is None:  # weight-only: the inputs are not quantized
             grams["qx"] = grams["qq"] = grams["xx"]
-        grams["tokens"] = split.count(inputs.shape[0])
+        elif quantized:
+            features = inputs.xx.shape[0]
+            sums = {key: torch.zeros(features, features, device=inputs.xx.device, dtype=torch.float64)
+                    for key in ("qx", "qq")}
+            for x in inputs.windows():
+                xq = act(x)
+                sums["qx"] += xq.T @ x
+                add_upper_gram(sums["qq"], xq)
+            grams.update(qx=split.sum(sums["qx"]).float(), qq=full_gram(split.sum(sums["qq"])).float())
         return grams
 
-    def search_inputs(self, modules: dict[str, QuantLinear], inputs: torch.Tensor, act: nn.Module,
+    def search_inputs(self, modules: dict[str, QuantLinear], inputs: "GroupInputs", act: nn.Module,
                       tensor_scale, clips: dict | None, split: TokenSplit) -> nn.Module:
         """LLM-FP4's alternation for NVFP4 inputs, `rounds` times: the input tensor scale searched for the weights
         as they stand (RTN's at first, then those whose clip was searched for the previous round's inputs)."""
         weights = [module.weight.detach().float() for module in modules.values()]
         given = [(clips or {}).get(path) for path in modules]
+        tokens = inputs.stored()
         options = [{"tensor_scale": tensor_scale, "four_over_six": self.settings.four_over_six}
                    | ({} if clip is None else {"clip": clip}) for clip in given]
         for round_index in range(self.config.search.rounds):
@@ -137,7 +139,7 @@ class BlockFormatStep:
                 options = [self.weight_options(w, tensor_scale, self.output_error(w, grams), clip)
                            for w, clip in zip(weights, given)]
             quantized = [weight_quantizer(self.weight_scheme, w, **o)(w) for w, o in zip(weights, options)]
-            act = search_input_tensor_scale(act, inputs, torch.cat(weights), torch.cat(quantized), self.config.search,
+            act = search_input_tensor_scale(act, tokens, torch.cat(weights), torch.cat(quantized), self.config.search,
                                             split)
         return act
 
@@ -197,6 +199,51 @@ class BlockFormatStep:
             module.freeze(on_grid=True)
             losses[path] = part.loss
         return losses
+
+
+class GroupInputs:
+    """What calibrating linears that read the same inputs needs of those inputs, gathered forward by forward as the
+    block runs (pipeline.record_inputs), after the group's online rotation: each channel's |x| maximum; with `gram`
+    X'X (its tiles on and above the diagonal: quant_layers.gptq.add_upper_gram), a float32 product per window
+    summed in float64, so that the sum does not depend on how the windows are dealt to data-parallel ranks (but
+    for a rare tie at float32's last bit: GPTQ's act-order sorts the columns by its diagonal, and a swap of two
+    near-equal entries changes every later code); with `keep` the inputs themselves, which the clip search and the
+    output errors read once the input quantizer is known (its tensor scale needs the maximum over every token
+    first). RTN and GPTQ keep no inputs: in^2 floats, not tokens x in."""
+
+    def __init__(self, transform: nn.Module | None, window: int, gram: bool, keep: bool):
+        self.transform, self.window = transform, window
+        self.maxima = self.xx = None
+        self.tokens, self.gram, self.kept = 0, gram, [] if keep else None
+
+    def add(self, x: torch.Tensor):
+        """Inputs [..., in] of one forward: whole windows of `window` tokens."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        x = x if self.transform is None else self.transform(x)
+        peak = x.abs().amax(0, keepdim=True)
+        self.maxima = peak if self.maxima is None else torch.maximum(self.maxima, peak)
+        self.tokens += x.shape[0]
+        if self.kept is not None:
+            self.kept.append(x)
+        if self.gram:
+            if self.xx is None:
+                self.xx = torch.zeros(x.shape[-1], x.shape[-1], device=x.device, dtype=torch.float64)
+            for start in range(0, x.shape[0], self.window):
+                add_upper_gram(self.xx, x[start:start + self.window].float())
+
+    def stored(self) -> torch.Tensor:
+        """The kept inputs [tokens, in]."""
+        if self.kept is None:
+            raise ValueError("these inputs were gathered without keeping them (keep=False)")
+        if len(self.kept) != 1:
+            self.kept = [torch.cat(self.kept)]
+        return self.kept[0]
+
+    def windows(self):
+        """The kept inputs window by window, in float32."""
+        inputs = self.stored()
+        for start in range(0, inputs.shape[0], self.window):
+            yield inputs[start:start + self.window].float()
 
 
 def prepare_formats(model, config: QuantConfig, adapter: ModelAdapter | None = None) -> ModelAdapter:

@@ -36,7 +36,7 @@ from .adapters import Dims, ModelAdapter, adapter_for, fold_scale_into_norm, mod
 from .models import get_module, same_model, set_module
 from .onload import moved, onloader_of
 from .block_formats import BlockFormatStep, check_block_sizes
-from .pipeline import (CalibrationReport, PeakMemory, capture_block_inputs, capture_linear_inputs, record_inputs,
+from .pipeline import (CalibrationReport, PeakMemory, capture_block_inputs, record_inputs,
                        run_block, set_quantized)
 from .errors import UsageError, UserError
 from .files import atomic_write
@@ -440,10 +440,10 @@ def quantize_format_weights(block, adapter, config, hidden, call_kwargs, clips: 
     with NVFP4's tensor scale calibrated on the transformed inputs, fused groups sharing tensor scales."""
     step, report = BlockFormatStep(config, hidden.shape[1]), {}
     for group in adapter.linear_groups:
-        _, inputs = capture_linear_inputs(block, group[:1], hidden, call_kwargs, 1)
+        inputs = step.group_inputs(block.get_submodule(group[0]))
+        record_inputs(block, group[:1], hidden, call_kwargs, lambda _name, x: inputs.add(x))
         modules = {name: block.get_submodule(name) for name in group}
-        report.update(step.calibrate_group(modules, inputs[group[0]], clips))
-        del inputs
+        report.update(step.calibrate_group(modules, inputs, clips))
     return report
 
 
