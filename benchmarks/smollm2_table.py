@@ -189,7 +189,9 @@ def plain_table(args, folder: str, rows: dict) -> list[dict]:
 
 def blocks_table(args, folder: str, rows: dict, peers: dict) -> list[dict]:
     """Each of our rows followed by llm-compressor's matching row: perplexity, its gap to FP32 (our FP32 row,
-    else the peer's), the ratio of our perplexity to the peer's, calibration seconds and peak memory."""
+    else the peer's), the ratio of our perplexity to the peer's, calibration seconds and peak memory, and the ratio
+    of our calibration seconds to the peer's (comparable when both rows ran in one invocation, one after the
+    other, on an otherwise idle machine)."""
     ours = {name: read_row(folder, name) for name in rows}
     theirs = {name: read_peer_row(folder, name) for name in peers}
     fp32 = ours["fp32"] or theirs["peer_fp32"]
@@ -210,7 +212,11 @@ def blocks_table(args, folder: str, rows: dict, peers: dict) -> list[dict]:
             row[f"ppl {dataset}"] = ppl
             row[f"gap {dataset}"] = None if fp32 is None else ppl - fp32["ppl"][dataset]
             row[f"ours/peer {dataset}"] = None if peer is None else ppl / peer["ppl"][dataset]
-        table.append({**row, **cost_columns(result), "command": shown})
+        costs = cost_columns(result)
+        theirs_s = None if peer is None else cost_columns(peer)["calibration s"]
+        costs["ours/peer calibration s"] = None if not (theirs_s and costs["calibration s"]) else \
+            costs["calibration s"] / theirs_s
+        table.append({**row, **costs, "command": shown})
     return table
 
 

@@ -85,6 +85,8 @@ def test_the_blocks_table_pairs_our_rows_with_the_peer_rows(monkeypatch, tmp_pat
     assert (ours["gap enwiki-heldout"], ours["gap abcnews"]) == (5.0, 6.0)
     assert (ours["ours/peer enwiki-heldout"], ours["ours/peer abcnews"]) == (25.0 / 24.0, 36.0 / 38.0)
     assert (ours["calibration s"], table[3]["calibration s"]) == (10.0, 40.0)
+    assert ours["ours/peer calibration s"] == 0.25 and table[3]["ours/peer calibration s"] is None
+    assert table[0]["ours/peer calibration s"] is None  # FP32 calibrates nothing
     assert table[3]["ours/peer abcnews"] is None and table[4]["ours/peer abcnews"] is None
     assert table[3]["command"].split()[1:3] == ["benchmarks/peer_llmcompressor.py", "--model"]
 
