@@ -65,7 +65,7 @@ def test_parameters_go_to_a_named_fallback_when_the_folder_disappears(monkeypatc
 
     def block(block_module, index, *args):
         if index == 1:  # the location breaks after the check, during calibration
-            shutil.rmtree(out)
+            shutil.rmtree(out, ignore_errors=True)  # made by the checks, or by a checkpoint
             out.write_text("not a folder any more")
         return real(block_module, index, *args)
     monkeypatch.setattr(llm_fp4, "calibrate_block", block)

@@ -150,3 +150,58 @@ def test_reuse_takes_only_a_finished_file_of_the_same_settings(calib_ids, tmp_pa
         paths = {method_for(c).default_path("root", c, "tiny", fingerprint, "calib")
                  for c in (replace(config, feed_quantized=False), replace(config, feed_quantized=True))}
         assert len(paths) == 2
+
+
+def count_checkpoints(monkeypatch) -> list[dict]:
+    """The `partial` marks of the checkpoints written (the final file has none)."""
+    from utils import resume
+    written, real = [], resume.save_params
+
+    def save(*args, partial=None, **kwargs):
+        if partial is not None:
+            written.append(partial)
+        return real(*args, partial=partial, **kwargs)
+    monkeypatch.setattr(resume, "save_params", save)
+    return written
+
+
+def test_a_checkpoint_is_written_once_the_interval_has_passed(monkeypatch, calib_ids, tmp_path):
+    from utils import resume
+    written = count_checkpoints(monkeypatch)
+    calibrate_file(small("MinMax_config_llama"), calib_ids, tmp_path / "quick.safetensors")
+    assert written == []  # two blocks well within a minute: only the finished file is written
+    monkeypatch.setattr(resume, "CHECKPOINT_INTERVAL_S", 0.0)
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1.0)  # a write may take all the time: no wait after it
+    calibrate_file(small("MinMax_config_llama"), calib_ids, tmp_path / "each.safetensors")
+    assert written == [{"blocks_done": 1, "blocks": 2}, {"blocks_done": 2, "blocks": 2}]
+    assert_same_tensors(tmp_path / "each.safetensors", tmp_path / "quick.safetensors")
+
+
+def test_ctrl_c_inside_a_block_saves_the_finished_blocks_only_and_resumes_bit_identically(monkeypatch, calib_ids,
+                                                                                           tmp_path):
+    from utils.block_formats import BlockFormatStep, calibrate_formats, prepare_formats
+    from utils.params import read_metadata
+    config = load_config("NVFP4_GPTQ_config")
+
+    def run(path, resume=False):
+        model = tiny_llama()
+        adapter = prepare_formats(model, config)
+        return calibrate_resumable(model, config, calib_ids, adapter, path, "tiny", EXTRA, model_fingerprint(model),
+                                   resume, calibrate=calibrate_formats)
+    run(tmp_path / "whole.safetensors")
+    path, real, groups = tmp_path / "resumed.safetensors", BlockFormatStep.calibrate_group, []
+
+    def group(self, modules, *args, **kwargs):
+        groups.append(next(iter(modules)))
+        if len(groups) == 6:  # block 1's second group: its q/k/v are already quantized
+            raise KeyboardInterrupt
+        return real(self, modules, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(BlockFormatStep, "calibrate_group", group)
+        with pytest.raises(Interrupted, match=f"1 of 2 blocks are saved in {path}"):
+            run(path)
+    saved = read_metadata(path)
+    assert saved["partial"] == {"blocks_done": 1, "blocks": 2}
+    assert sorted({name.split(".")[2] for name in saved["modules"]}) == ["0"]
+    run(path, resume=True)
+    assert_same_tensors(path, tmp_path / "whole.safetensors")

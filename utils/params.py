@@ -61,17 +61,18 @@ def model_folder(model_name: str, fingerprint: dict) -> str:
 
 
 def save_params(path: str | Path, model, config: QuantConfig, model_name: str, extra: dict | None = None,
-                fingerprint: dict | None = None, partial: dict | None = None):
+                fingerprint: dict | None = None, partial: dict | None = None, only: set[str] | None = None):
     """Write the quantizers of a calibrated model. `fingerprint` is `model_fingerprint` of the model as
     loaded (needed when quantize() released its full-precision weights). `partial` (e.g. {"blocks_done": 3,
-    "blocks": 32}) marks the file of an unfinished calibration: it holds only the modules calibrated so far,
-    `load_params` refuses it and `--resume` continues it. The file is written atomically."""
+    "blocks": 32}) marks the file of an unfinished calibration: it holds only the modules calibrated so far
+    (of those named in `only`, when given), `load_params` refuses it and `--resume` continues it. The file is
+    written atomically."""
     path = Path(path)
     fingerprint = fingerprint or model_fingerprint(model)
     check_overwrite(path, fingerprint)
     modules, tensors = {}, {}
     for name, module in quant_modules(model).items():
-        if partial is not None and module.quantized_weight is None:
+        if partial is not None and (module.quantized_weight is None or (only is not None and name not in only)):
             continue  # not calibrated yet
         entry = {"type": type(module).__name__}
         for slot in SLOTS:

@@ -1,11 +1,14 @@
-"""Resumable block-wise calibration (FPQ, MinMax, the named formats): after every finished block the parameters so far are written to the
-parameter file (atomically, marked unfinished); `--resume` installs them and calibrates the remaining blocks,
-which gives the same parameters, bit for bit, as an uninterrupted run. Ctrl-C ends in one line saying what
-was saved and how to continue.
+"""Resumable block-wise calibration (FPQ, MinMax, the named formats): the parameters of the finished blocks are
+written to the parameter file (atomically, marked unfinished) at Ctrl-C and, against a crash, after a block once
+a minute has passed since the last write (less often when a write takes longer: at most a tenth of the time goes
+to them, for the whole file is rewritten each time); `--resume` installs them and calibrates the remaining
+blocks, which gives the same parameters, bit for bit, as an uninterrupted run. Ctrl-C ends in one line saying
+what was saved and how to continue.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from safetensors import safe_open
@@ -20,6 +23,8 @@ from .params import check_overwrite, load_params, read_metadata, save_params
 from .pipeline import CalibrationReport, quant_modules, release_originals
 
 RESUME_HINT = "rerun the same command with --resume to continue"
+CHECKPOINT_INTERVAL_S = 60.0  # the least time between two checkpoints: what a crash can lose
+CHECKPOINT_SHARE = 0.1  # and the most of the calibration time that writing them may take
 
 
 def is_unfinished(path: Path) -> bool:
@@ -73,21 +78,36 @@ def save_on_main(path: Path, save, what: str) -> Path:
 
 
 class BlockCheckpoint:
-    """`after_block` of quantize(): writes the parameters calibrated so far (to a fallback path, named in a
-    warning, when the asked one fails) and remembers what it saved for the Ctrl-C message."""
+    """`after_block` of quantize(): writes the parameters of the blocks finished so far (to a fallback path, named
+    in a warning, when the asked one fails) once CHECKPOINT_INTERVAL_S have passed since the last write, or
+    CHECKPOINT_SHARE's multiple of that write's duration if longer; `interrupted` writes those not yet written and
+    says what the file holds."""
 
-    def __init__(self, path: Path, model, config, model_name: str, extra: dict, fingerprint: dict, done: int):
-        self.path, self.model, self.config, self.model_name = path, model, config, model_name
-        self.extra, self.fingerprint, self.done, self.blocks = extra, fingerprint, done, None
+    def __init__(self, path: Path, model, config, adapter, model_name: str, extra: dict, fingerprint: dict,
+                 done: int):
+        self.path, self.model, self.config, self.adapter, self.model_name = path, model, config, adapter, model_name
+        self.extra, self.fingerprint, self.blocks = extra, fingerprint, None
+        self.done = self.finished = done  # blocks in the file; blocks calibrated
+        self.written_at, self.write_seconds = time.monotonic(), 0.0
 
     def __call__(self, index: int, blocks: int):
-        partial = {"blocks_done": index + 1, "blocks": blocks}
+        self.finished, self.blocks = index + 1, blocks
+        wait = max(CHECKPOINT_INTERVAL_S, self.write_seconds * (1 / CHECKPOINT_SHARE - 1))
+        if time.monotonic() - self.written_at >= wait:
+            self.write()
+
+    def write(self):
+        started, partial = time.monotonic(), {"blocks_done": self.finished, "blocks": self.blocks}
+        modules = _modules_of(self.finished, self.model, self.config, self.adapter)  # not a block cut short
         self.path = save_on_main(self.path, lambda path: save_params(
-            path, self.model, self.config, self.model_name, self.extra, self.fingerprint, partial=partial),
-            "parameters calibrated so far")
-        self.done, self.blocks = index + 1, blocks
+            path, self.model, self.config, self.model_name, self.extra, self.fingerprint, partial=partial,
+            only=modules), "parameters calibrated so far")
+        self.done, self.written_at = self.finished, time.monotonic()
+        self.write_seconds = self.written_at - started
 
     def interrupted(self, requested: Path) -> Interrupted:
+        if self.finished > self.done:
+            self.write()
         if not self.done:
             return Interrupted("calibration interrupted before its first block finished; nothing was saved; "
                                "rerun the same command")
@@ -103,7 +123,7 @@ def calibrate_resumable(model, config, calib, adapter, path: Path, model_name: s
     written)."""
     check_overwrite(path, fingerprint)  # now, not after the calibration
     done = restore_progress(path, model, config, adapter, extra, fingerprint) if resume else 0
-    checkpoint = BlockCheckpoint(path, model, config, model_name, extra, fingerprint, done)
+    checkpoint = BlockCheckpoint(path, model, config, adapter, model_name, extra, fingerprint, done)
     try:
         report = calibrate(model, config, calib, adapter, release_originals=release, restored_blocks=done,
                            after_block=checkpoint)
