@@ -198,15 +198,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, make_quantizer: Q
     for start, end in zip(edges[:-1], edges[1:]):
         if dynamic_groups and start % groupsize == 0:
             quantizers.append(make_quantizer(w[:, start:start + groupsize]))
-        errors = torch.empty(w.shape[0], end - start, device=w.device)
-        for j in range(start, end):
-            q[:, j:j + 1] = quantizers[group_of_position[j]](w[:, j:j + 1])
-            error = (w[:, j:j + 1] - q[:, j:j + 1]) / hinv[j, j]
-            w[:, j + 1:end] -= error * hinv[j, j + 1:end]  # an outer product, elementwise: no BLAS call per column
-            errors[:, j - start] = error[:, 0]
-        row_losses += errors.double().square().sum(1) / 2
+        # the block's columns as contiguous rows [columns, out]: each step reads and updates whole rows
+        columns, quantized = w[:, start:end].T.contiguous(), torch.empty(end - start, w.shape[0], device=w.device)
+        errors = torch.empty_like(quantized)
+        for i, j in enumerate(range(start, end)):
+            quantized[i] = quantizers[group_of_position[j]](columns[i, :, None])[:, 0]
+            errors[i] = (columns[i] - quantized[i]) / hinv[j, j]
+            # an outer product, elementwise: no BLAS call per column
+            columns[i + 1:] -= hinv[j, j + 1:end, None] * errors[i]
+        q[:, start:end] = quantized.T
+        row_losses += errors.double().square().sum(0) / 2
         # the columns after the block receive its errors in one matmul (GPTQ's lazy batch update)
-        w[:, end:] -= errors @ hinv[start:end, end:]
+        w[:, end:] -= errors.T @ hinv[start:end, end:]
 
     q = q[:, torch.argsort(order)]
     return GPTQResult(q.to(weight.dtype), quantizers, group_index, row_losses)
