@@ -186,9 +186,10 @@ def test_cli_refuses_flags_a_format_config_would_ignore():
         with pytest.raises(UsageError, match="has no effect"):
             main.run(main.build_parser().parse_args([*flags, *rounds]))
     args = main.build_parser().parse_args(["--quant_config", "NVFP4_GPTQ_config", "--format", "MXFP4",
-                                           "--act_order", "--ignore", "none"])
+                                           "--act_order", "--ignore", "none", "--layer_errors"])
     config = main.make_config(args)
     assert (config.block.format, config.block.act_order, config.quantize_lm_head) == ("MXFP4", True, True)
+    assert config.block.layer_errors and not load_config("NVFP4_GPTQ_config").block.layer_errors
 
 
 @pytest.fixture(scope="module")

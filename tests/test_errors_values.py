@@ -57,6 +57,7 @@ def test_a_value_out_of_range_is_refused_before_loading(capsys, monkeypatch, arg
     (["--quant_config", "MinMax_config_llama", "--search_strategy", "coarse"], "--search_strategy", "MinMax"),
     (["--lwc"], "--lwc", "FPQ_config_llama"),
     (["--nsamples", "16"], "--nsamples", "FPQ_config_llama"),
+    (["--layer_errors"], "--layer_errors", "FPQ_config_llama"),  # the named formats' report only
     (["--matrix_path", "m.safetensors"], "--matrix_path", "FPQ_config_llama"),
 ])
 def test_a_flag_the_run_would_ignore_is_refused_before_loading(capsys, monkeypatch, args, flag, chosen):
