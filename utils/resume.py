@@ -119,7 +119,7 @@ class BlockCheckpoint:
 def calibrate_resumable(model, config, calib, adapter, path: Path, model_name: str, extra: dict, fingerprint: dict,
                         resume: bool, release: bool = True, calibrate=calibrate_blocks):
     """Calibrate with the method's block-wise driver `calibrate` (continuing the unfinished file at `path` with
-    `resume`), checkpointing after every block, then write the finished parameters. Returns (report, the path
+    `resume`), checkpointing as BlockCheckpoint decides, then write the finished parameters. Returns (report, the path
     written)."""
     check_overwrite(path, fingerprint)  # now, not after the calibration
     done = restore_progress(path, model, config, adapter, extra, fingerprint) if resume else 0

@@ -1,5 +1,5 @@
 """The named formats (NVFP4, MXFP4, ..., INT4 g128) by round-to-nearest ("rtn") or GPTQ ("gptq"), each with the
-output-error clip search and four over six as options. Parameter files: written block by block, resumable,
+output-error clip search and four over six as options. Parameter files: written as blocks finish (utils/resume.py), resumable,
 reloadable (GPTQ's weights are stored as their element codes)."""
 from __future__ import annotations
 
