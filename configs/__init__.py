@@ -64,6 +64,11 @@ class FlatSettings:
 REPORT_SETTINGS = ("layer_errors",)  # BlockSettings fields that change what is reported, not what is calibrated
 
 
+def block_parameter_settings(block: dict) -> dict:
+    """Of BlockSettings as a dict (asdict, or a parameter file's record), the fields that decide the parameters."""
+    return {name: value for name, value in block.items() if name not in REPORT_SETTINGS}
+
+
 @dataclass(frozen=True)
 class BlockSettings:
     """A named format (quant_layers.schemes.PRESETS: NVFP4, MXFP4, ..., INT4 in groups of 128) calibrated by the
@@ -96,7 +101,7 @@ class BlockSettings:
 
     def parameter_settings(self) -> dict:
         """The settings that decide the parameters: what a parameter file is checked against on reload."""
-        return {name: value for name, value in asdict(self).items() if name not in REPORT_SETTINGS}
+        return block_parameter_settings(asdict(self))
 
     def searches_inputs(self) -> bool:
         """The search includes the activation side: NVFP4's static input tensor scale (the only static parameter

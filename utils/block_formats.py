@@ -31,6 +31,7 @@ from .errors import UsageError
 from .onload import onloader_of
 from .pipeline import CalibrationReport, calibrate_model, quant_modules, record_inputs
 
+
 class BlockFormatStep:
     """pipeline.calibrate_model's step for a config with `block` settings, on calibration windows of `window`
     tokens."""

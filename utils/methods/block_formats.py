@@ -1,11 +1,11 @@
 """The named formats (NVFP4, MXFP4, ..., INT4 g128) by round-to-nearest ("rtn") or GPTQ ("gptq"), each with the
-output-error clip search and four over six as options. Parameter files: written as blocks finish (utils/resume.py), resumable,
-reloadable (GPTQ's weights are stored as their element codes)."""
+output-error clip search and four over six as options. Parameter files: written as blocks finish
+(utils/resume.py), resumable, reloadable (GPTQ's weights are stored as their element codes)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from configs import REPORT_SETTINGS
+from configs import block_parameter_settings
 
 from ..block_formats import calibrate_formats, prepare_formats
 from ..errors import ParamFileError, UsageError
@@ -58,8 +58,7 @@ class BlockFormats(Method):
 def check_same_settings(path: Path, config):
     """A file of the same config name but other format settings (e.g. another --format) is refused."""
     saved = read_metadata(path)["config"]
-    saved_block = saved.get("block") and {k: v for k, v in saved["block"].items() if k not in REPORT_SETTINGS}
-    saved = {**saved, "block": saved_block}
+    saved = {**saved, "block": saved.get("block") and block_parameter_settings(saved["block"])}
     for key, wanted in (("block", config.block.parameter_settings()), ("method", config.method),
                         ("quantize_lm_head", config.quantize_lm_head),
                         ("quantize_embedding", config.quantize_embedding)):

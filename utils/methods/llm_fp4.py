@@ -1,5 +1,6 @@
 """LLM-FP4's methods: MinMax (fixed formats, absmax ranges), FPQ baseline and FPQ (format and exponent-bias
-search, FPQ with the pre-shifted bias). Parameter files: written as blocks finish (utils/resume.py), resumable, reloadable."""
+search, FPQ with the pre-shifted bias). Parameter files: written as blocks finish (utils/resume.py), resumable,
+reloadable."""
 from __future__ import annotations
 
 from pathlib import Path
