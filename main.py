@@ -138,6 +138,9 @@ def add_format_flags(p):
     f.add_argument("--format", choices=list(PRESETS), default=None, help="the format, replacing the config's")
     f.add_argument("--four_over_six", action="store_true", default=None,
                    help="NVFP4: each weight block maps its maximum to 6 or to 4, whichever gives the lower error")
+    f.add_argument("--four_over_six_inputs", action="store_true", default=None,
+                   help="NVFP4: each input block too, at run time (no compressed-tensors export: the engines' "
+                        "kernels map every input block to 6)")
     f.add_argument("--hadamard", action="store_true", default=None,
                    help="rotate every quantized linear's inputs and weight by a Hadamard matrix of the block size")
     f.add_argument("--mx_rule", choices=list(MX_RULES), default=None,
@@ -224,7 +227,7 @@ def flat_settings(args, config):
 def make_config(args):
     from configs import load_config
     from quant_layers.search import replace_settings
-    from utils.cli_checks import quant_config_name
+    from utils.cli_checks import FORMAT_FLAGS, quant_config_name
     config = load_config(quant_config_name(args))
     config = config if args.qbits is None else config.with_qbits(args.qbits)
     g1, g2, n = args.search_intervals or (None, None, None)  # checked by utils.cli_checks
@@ -242,8 +245,7 @@ def make_config(args):
     if args.ignore:
         changes.update(quantize_lm_head="lm_head" not in args.ignore, quantize_embedding="embedding" not in args.ignore)
     if config.block is not None:
-        given = {name: getattr(args, name) for name in ("format", "four_over_six", "hadamard", "mx_rule",
-                                                        "input_tensor_scale", "act_order", "percdamp", "layer_errors")
+        given = {name: getattr(args, name) for name in (*FORMAT_FLAGS, "act_order", "percdamp")
                  if getattr(args, name) is not None}
         changes["block"] = replace(config.block, **given)
     if config.flat is not None:  # FlatQuant leaves the embedding table alone whatever --qbits says

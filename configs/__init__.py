@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from quant_layers.formats import NUMERICS, FPFormat
 from quant_layers.schemes import PRESETS, IntElement, Scheme, preset
@@ -65,8 +65,10 @@ REPORT_SETTINGS = ("layer_errors",)  # BlockSettings fields that change what is 
 
 
 def block_parameter_settings(block: dict) -> dict:
-    """Of BlockSettings as a dict (asdict, or a parameter file's record), the fields that decide the parameters."""
-    return {name: value for name, value in block.items() if name not in REPORT_SETTINGS}
+    """Of BlockSettings as a dict (asdict, or a parameter file's record, where a field added since takes its
+    default), the fields that decide the parameters."""
+    defaults = {field.name: field.default for field in fields(BlockSettings)}
+    return {name: value for name, value in {**defaults, **block}.items() if name not in REPORT_SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class BlockSettings:
     format: str = "NVFP4"
     search: bool = False  # per-row clip factor of the block scales on the --search_intervals grid
     four_over_six: bool = False  # NVFP4: each weight block maps its maximum to 6 or 4, whichever errs less
+    four_over_six_inputs: bool = False  # NVFP4: each input block too, at run time (a kernel the engines lack)
     hadamard: bool = False  # rotate every quantized linear's inputs (and its weight) by a block-size Hadamard
     mx_rule: str = "even"  # E8M0 scales: compressed-tensors' rounding ("even"), OCP's "floor", or "ceil"
     input_tensor_scale: str = "static"  # NVFP4 inputs: FP32 tensor scale calibrated ("static") or per input
@@ -89,9 +92,12 @@ class BlockSettings:
     def __post_init__(self):
         if self.format not in PRESETS:
             raise UsageError(f"unknown format {self.format!r}; choose from {', '.join(PRESETS)}")
-        weight, _ = preset(self.format)
+        weight, inputs = preset(self.format)
         if self.four_over_six and weight.scale != "e4m3":
             raise UsageError(f"four over six chooses between NVFP4 block scales; {self.format} has none")
+        if self.four_over_six_inputs and (weight.scale != "e4m3" or inputs is None):
+            raise UsageError(f"--four_over_six_inputs chooses between NVFP4 input block scales; {self.format} "
+                             "quantizes no inputs to NVFP4 (use NVFP4)")
         if self.mx_rule not in MX_RULES:
             raise UsageError(f"--mx_rule must be one of {MX_RULES}, got {self.mx_rule!r}")
         if self.input_tensor_scale not in ("static", "dynamic"):
@@ -116,7 +122,7 @@ class BlockSettings:
             weight = replace(weight, rule=self.mx_rule)
             inputs = inputs and replace(inputs, rule=self.mx_rule)
         elif weight.scale == "e4m3" and inputs is not None:
-            inputs = replace(inputs, tensor_scale=self.input_tensor_scale)
+            inputs = replace(inputs, tensor_scale=self.input_tensor_scale, four_over_six=self.four_over_six_inputs)
         return weight, inputs
 
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .blocks import BlockQuantizer, nvfp4_tensor_scale
+from .blocks import BlockQuantizer, nvfp4_tensor_scale, tensor_scale_aim
 from .schemes import BLOCK_SCALES, Scheme, make_quantizer
 from .search import LOCAL, SearchSettings, TokenSplit, budget_elements, grid_argmin, token_sample
 
@@ -98,8 +98,9 @@ def search_input_tensor_scale(act: BlockQuantizer, inputs: torch.Tensor, weight:
     gammas = settings.gammas().to(x.device)
 
     def with_scale(gamma):
-        return BlockQuantizer(act.fmt, act.block_size, act.encoding, dynamic=True,
-                              tensor_scale=nvfp4_tensor_scale((amax.float() * gamma).to(amax.dtype), fmt=act.fmt))
+        scale = nvfp4_tensor_scale((amax.float() * gamma).to(amax.dtype), tensor_scale_aim(act.four_over_six), act.fmt)
+        return BlockQuantizer(act.fmt, act.block_size, act.encoding, dynamic=True, tensor_scale=scale,
+                              four_over_six=act.four_over_six)
 
     def loss(candidates, _rows):  # candidates [C, 1]: the whole tensor is one "row"
         return split.sum(torch.stack([(with_scale(g)(x) @ quantized_weight.T - target).square().sum()

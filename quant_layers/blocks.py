@@ -14,7 +14,9 @@ no special values, E4M3 is the "fn" variant (largest 448), E5M2 keeps IEEE infin
 Beyond the plain absmax scale (RTN), a block's scale may be computed from `clip * amax / divisor`: `clip` (the
 LLM-FP4 search's gamma, per row or per block) shrinks the range, and `divisor` 4 instead of the element's largest
 value 6 maps the block maximum to 4 (NVFP4 "four over six"). Both only change the stored scale, so every such
-quantizer is still the format the engines read.
+quantizer is still the format the engines read. NVFP4 inputs may choose four over six too, block by block as they
+are quantized at run time: the scale is still an E4M3 one, but computing it takes a kernel that compares both
+(the engines' stock kernels map every block to 6).
 """
 from __future__ import annotations
 
@@ -126,6 +128,27 @@ def e4m3_scales(amax: torch.Tensor, tensor_scale: torch.Tensor, fmt: FPFormat = 
     return torch.where(scales == 0, E4M3_ZERO_SCALE, scales)
 
 
+def tensor_scale_aim(four_over_six: bool) -> float:
+    """The E4M3 value the largest block's scale is aimed at by the tensor scale."""
+    return FOUR_OVER_SIX_E4M3_MAX if four_over_six else E4M3_MAX
+
+
+def four_or_six(blocks: torch.Tensor, tensor_scale: torch.Tensor, fmt: FPFormat, clip=None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Each block's E4M3 scale [..., n / block_size] of `blocks` [..., n / block_size, block_size]: the one that
+    maps its (clipped) maximum to 6 or the one that maps it to 4, whichever gives the lower squared error (each
+    element's error times `weight`, broadcastable to blocks; a tie keeps 6)."""
+    amax = block_amax(blocks)
+    six, four = (e4m3_scales(amax, tensor_scale, fmt, clip, divisor) for divisor in (None, 4.0))
+
+    def error(scale):
+        step = BlockQuantizer.step(scale, tensor_scale)
+        squared = ((element_quantize(blocks / step, fmt) * step).to(blocks.dtype) - blocks).square()
+        return (squared if weight is None else squared * weight).sum(-1)
+
+    return torch.where(error(four) < error(six), four, six)
+
+
 def blocks_of(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """x [..., n] as [..., n / block_size, block_size]."""
     if x.shape[-1] % block_size:
@@ -143,11 +166,13 @@ class BlockQuantizer(nn.Module):
     Static (weights): `scale` [..., n / block_size] holds each block's scale value (a power of two for E8M0, an
     E4M3 value for NVFP4). Dynamic (activations): block scales come from each input's blocks at run time, as the
     engines compute them; NVFP4's tensor scale is then the calibrated `tensor_scale` (static, llm-compressor's
-    default) or, without one, the input's own (dynamic).
+    default) or, without one, the input's own (dynamic); with `four_over_six` each NVFP4 input block takes the
+    6- or the 4-mapping, whichever errs less (four_or_six).
     """
 
     def __init__(self, fmt: FPFormat, block_size: int, encoding: str, scale: torch.Tensor | None = None,
-                 tensor_scale: torch.Tensor | None = None, dynamic: bool = False, rule: str = "even"):
+                 tensor_scale: torch.Tensor | None = None, dynamic: bool = False, rule: str = "even",
+                 four_over_six: bool = False):
         super().__init__()
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown block scale encoding {encoding!r}; choose from {ENCODINGS}")
@@ -155,8 +180,10 @@ class BlockQuantizer(nn.Module):
             raise ValueError(f"unknown E8M0 scale rule {rule!r}; choose from {MX_RULES}")
         if not dynamic and scale is None:
             raise ValueError("a static block quantizer needs its block scales")
+        if four_over_six and not (dynamic and encoding == "e4m3"):
+            raise ValueError("a quantizer chooses four over six at run time for dynamic E4M3 blocks only")
         self.fmt, self.block_size, self.encoding = fmt, block_size, encoding
-        self.dynamic, self.rule = dynamic, rule if encoding == "e8m0" else ""
+        self.dynamic, self.rule, self.four_over_six = dynamic, rule if encoding == "e8m0" else "", four_over_six
         self.register_buffer("scale", None if scale is None else scale.float())
         # a copy: fused layers are built from one shared tensor scale, but each quantizer owns (and saves) its own
         self.register_buffer("tensor_scale", None if tensor_scale is None else tensor_scale.float().reshape(()).clone())
@@ -184,15 +211,8 @@ class BlockQuantizer(nn.Module):
         tensor scale aims at 256 so that no 4-mapped scale saturates E4M3."""
         if tensor_scale is None:
             tensor_scale = nvfp4_tensor_scale(x.detach().abs().amax(), FOUR_OVER_SIX_E4M3_MAX, fmt)
-        options = [cls.from_tensor(x, fmt, block_size, "e4m3", tensor_scale=tensor_scale, clip=clip, divisor=divisor)
-                   for divisor in (None, 4.0)]
-
-        def block_error(quantizer):
-            error = (quantizer(x) - x).square()
-            return blocks_of(error if importance is None else error * importance, block_size).sum(-1)
-
-        six, four = options
-        scale = torch.where(block_error(four) < block_error(six), four.scale, six.scale)
+        weight = None if importance is None else blocks_of(importance, block_size)
+        scale = four_or_six(blocks_of(x.detach(), block_size), tensor_scale, fmt, clip, weight)
         return cls(fmt, block_size, "e4m3", scale, tensor_scale)
 
     def scales(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -201,11 +221,14 @@ class BlockQuantizer(nn.Module):
         if self.encoding == "e4m3":
             tensor_scale = self.tensor_scale
             if tensor_scale is None:
-                tensor_scale = nvfp4_tensor_scale(blocks.detach().abs().amax(), fmt=self.fmt)
+                tensor_scale = nvfp4_tensor_scale(blocks.detach().abs().amax(), tensor_scale_aim(self.four_over_six),
+                                                  self.fmt)
         if not self.dynamic:
             return self.scale, tensor_scale
         if self.encoding == "e8m0":
             return mx_scales(mx_scale_codes(block_amax(blocks), self.fmt, self.rule)), None
+        if self.four_over_six:
+            return four_or_six(blocks.detach(), tensor_scale, self.fmt), tensor_scale
         return e4m3_scales(block_amax(blocks), tensor_scale, self.fmt), tensor_scale
 
     @staticmethod
@@ -221,7 +244,8 @@ class BlockQuantizer(nn.Module):
 
     def spec(self) -> Scheme:
         tensor_scale = "" if self.encoding == "e8m0" else "static" if self.tensor_scale is not None else "dynamic"
-        return Scheme(self.fmt, "group", self.block_size, self.encoding, self.dynamic, self.rule, tensor_scale)
+        return Scheme(self.fmt, "group", self.block_size, self.encoding, self.dynamic, self.rule, tensor_scale,
+                      self.four_over_six)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(int32 element codes shaped as x, {"scale": block scale values[, "tensor_scale"]}); decode() of them
@@ -238,7 +262,7 @@ class BlockQuantizer(nn.Module):
         return (values * self.step(ranges["scale"], ranges.get("tensor_scale"))).reshape(codes.shape)
 
     def extra_repr(self) -> str:
-        kind = "dynamic" if self.dynamic else f"scales {tuple(self.scale.shape)}"
+        kind = ("dynamic" + ", four over six" * self.four_over_six) if self.dynamic else f"scales {tuple(self.scale.shape)}"
         return f"{self.fmt.name}, blocks of {self.block_size}, {self.encoding} ({self.rule if self.encoding == 'e8m0' else 'x fp32'}), {kind}"
 
 
@@ -251,8 +275,9 @@ def _build(scheme: Scheme, x):
     if scheme.tensor_scale == "static":
         if x is None:
             raise ValueError(f"{scheme.name} inputs need calibration inputs for their static tensor scale")
-        tensor_scale = nvfp4_tensor_scale(x.detach().abs().amax(), fmt=fmt)
-    return BlockQuantizer(fmt, size, scheme.scale, tensor_scale=tensor_scale, dynamic=True, rule=scheme.rule)
+        tensor_scale = nvfp4_tensor_scale(x.detach().abs().amax(), tensor_scale_aim(scheme.four_over_six), fmt)
+    return BlockQuantizer(fmt, size, scheme.scale, tensor_scale=tensor_scale, dynamic=True, rule=scheme.rule,
+                          four_over_six=scheme.four_over_six)
 
 
 register_scale("e8m0", FPFormat, _build)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .blocks import blocks_of, e4m3_scales, element_max, element_quantize, mx_exponent_offset, mx_scale_codes, \
-    mx_scales, nvfp4_tensor_scale
+    mx_scales, nvfp4_tensor_scale, tensor_scale_aim
 from .formats import MIN_ABSMAX, FPFormat, fp_quantize
 from .schemes import Scheme
 
@@ -121,7 +121,8 @@ class LearnableBlockQuantizer(nn.Module):
     an FP32 tensor scale taken from the input itself) or to a power of two (E8M0) as the engines do it.
 
     `clip`: None, "scalar" (one ratio for every block: LAC) or an int number of rows (one ratio per weight row:
-    LWC; the deployed weight quantizer then takes sigmoid(clip_max) as its clip factor).
+    LWC; the deployed weight quantizer then takes sigmoid(clip_max) as its clip factor). With the scheme's
+    `four_over_six` (NVFP4 inputs) each block takes the 6- or 4-mapping that errs less, as BlockQuantizer does.
     `batch_max`: the maximum of a batch that data-parallel workers share (the NVFP4 tensor scale is the batch's).
     """
 
@@ -131,14 +132,16 @@ class LearnableBlockQuantizer(nn.Module):
         if scheme.granularity != "group" or scheme.scale not in ("e4m3", "e8m0"):
             raise ValueError(f"{scheme.name} is not a block-scaled format")
         self.fmt, self.block_size, self.encoding, self.rule = scheme.element, scheme.group_size, scheme.scale, scheme.rule
+        self.four_over_six = scheme.four_over_six
         shape = () if clip == "scalar" else (clip, 1)
         self.clip_max = nn.Parameter(torch.full(shape, CLIP_INIT)) if clip is not None else None
 
     def clip_factor(self) -> torch.Tensor | None:
         return None if self.clip_max is None else torch.sigmoid(self.clip_max)
 
-    def step(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Each block's quantization step [..., n / block_size, 1], its value the engines' (rounded) one."""
+    def step(self, blocks: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
+        """Each block's quantization step [..., n / block_size, 1], its value the engines' (rounded) one; NVFP4's
+        maps the block maximum to `divisor` (default the element's largest value, 6)."""
         clip = self.clip_factor()
         amax = blocks.abs().amax(-1)
         target = amax if clip is None else amax * clip
@@ -146,17 +149,24 @@ class LearnableBlockQuantizer(nn.Module):
             rounded = mx_scales(mx_scale_codes(target.detach(), self.fmt, self.rule))
             step = straight_through(target / 2 ** mx_exponent_offset(self.fmt), rounded)
         else:
-            tensor_scale = nvfp4_tensor_scale(self.batch_max(blocks.detach().abs().amax()), fmt=self.fmt)
-            rounded = e4m3_scales(amax.detach(), tensor_scale, self.fmt, None if clip is None else clip.detach())
-            step = straight_through(tensor_scale * target / element_max(self.fmt), rounded) / tensor_scale
+            tensor_scale = nvfp4_tensor_scale(self.batch_max(blocks.detach().abs().amax()),
+                                              tensor_scale_aim(self.four_over_six), self.fmt)
+            rounded = e4m3_scales(amax.detach(), tensor_scale, self.fmt, None if clip is None else clip.detach(), divisor)
+            step = straight_through(tensor_scale * target / (divisor or element_max(self.fmt)), rounded) / tensor_scale
         return step.unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = blocks_of(x.float(), self.block_size)
-        step = self.step(blocks)
+        if not self.four_over_six:
+            return self.quantize(blocks, self.step(blocks)).to(x.dtype).flatten(-2)
+        six, four = (self.quantize(blocks, self.step(blocks, divisor)) for divisor in (None, 4.0))
+        error = [(q.detach() - blocks.detach()).square().sum(-1, keepdim=True) for q in (four, six)]
+        return torch.where(error[0] < error[1], four, six).to(x.dtype).flatten(-2)
+
+    def quantize(self, blocks: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         top = element_max(self.fmt)
         scaled = torch.clamp(blocks / step, -top, top)  # clipped values send their gradient to the scale
-        return (straight_through(scaled, element_quantize(scaled.detach(), self.fmt)) * step).to(x.dtype).flatten(-2)
+        return straight_through(scaled, element_quantize(scaled.detach(), self.fmt)) * step
 
     def extra_repr(self) -> str:
         return (f"{self.fmt.name}, blocks of {self.block_size}, {self.encoding}, straight-through, "

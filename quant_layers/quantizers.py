@@ -260,5 +260,5 @@ def quantizer_from_state(spec: dict, tensors: dict) -> nn.Module:
     if spec["kind"] == "block":
         scheme = Scheme.from_dict(spec["scheme"])
         return BlockQuantizer(scheme.element, scheme.group_size, scheme.scale, tensors.get("scale"),
-                              tensors.get("tensor_scale"), scheme.dynamic, scheme.rule or "even")
+                              tensors.get("tensor_scale"), scheme.dynamic, scheme.rule or "even", scheme.four_over_six)
     raise ValueError(f"unknown quantizer kind {spec['kind']!r}")

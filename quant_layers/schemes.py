@@ -61,6 +61,9 @@ class Scheme:
     dynamic: bool = False  # "token" is always dynamic; "group" may be (per token x group)
     rule: str = ""  # E8M0 block scales: how a block maximum becomes a power of two (quant_layers.blocks.MX_RULES)
     tensor_scale: str = ""  # E4M3 block scales of dynamic inputs: FP32 tensor scale "static" (calibrated) or "dynamic"
+    # E4M3 block scales of dynamic inputs: each block maps its maximum to 6 or to 4, whichever errs less ("four over
+    # six", chosen at run time by the quantization kernel)
+    four_over_six: bool = False
 
     def __post_init__(self):
         if not self.scale:
@@ -86,18 +89,23 @@ class Scheme:
                 object.__setattr__(self, name, default)
             elif not default:
                 raise ValueError(f"{name} applies to {'e8m0' if name == 'rule' else 'e4m3'} block scales only")
+        if self.four_over_six and not (self.scale == "e4m3" and self.dynamic):
+            raise ValueError("four over six as a scheme applies to dynamic E4M3 (NVFP4 input) blocks; weights choose "
+                             "it in their static scales")
 
     @property
     def name(self) -> str:
         where = f"group{self.group_size}" if self.granularity == "group" else self.granularity
         scale = f"/{self.scale}" if self.scale in BLOCK_SCALES else ""
-        return f"{self.element.name}/{where}{scale}" + ("/dynamic" if self.dynamic and self.granularity != "token" else "")
+        return (f"{self.element.name}/{where}{scale}" + ("/dynamic" if self.dynamic and self.granularity != "token" else "")
+                + ("/4over6" if self.four_over_six else ""))
 
     def to_dict(self) -> dict:
         element = asdict(self.element)
         element["kind"] = "fp" if isinstance(self.element, FPFormat) else "int"
         return {"element": element, "granularity": self.granularity, "group_size": self.group_size,
-                "scale": self.scale, "dynamic": self.dynamic, "rule": self.rule, "tensor_scale": self.tensor_scale}
+                "scale": self.scale, "dynamic": self.dynamic, "rule": self.rule, "tensor_scale": self.tensor_scale,
+                "four_over_six": self.four_over_six}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Scheme":
@@ -105,7 +113,7 @@ class Scheme:
         kind = element.pop("kind")
         element = FPFormat(**element) if kind == "fp" else IntElement(**element)
         return cls(element, data["granularity"], data["group_size"], data["scale"], data["dynamic"],
-                   data.get("rule", ""), data.get("tensor_scale", ""))
+                   data.get("rule", ""), data.get("tensor_scale", ""), data.get("four_over_six", False))
 
 
 def make_quantizer(scheme: Scheme, x: torch.Tensor | None = None) -> nn.Module:

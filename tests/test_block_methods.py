@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 
 import main
-from configs import BlockSettings, QuantConfig, load_config
+from configs import BlockSettings, QuantConfig, block_parameter_settings, load_config
 from quant_layers.block_search import search_input_tensor_scale
 from quant_layers.blocks import BlockQuantizer, nvfp4_tensor_scale
 from quant_layers.rotations import BlockHadamard
@@ -60,7 +60,9 @@ def test_every_format_calibrates_and_reloads_bit_identically(format_name, calib_
 @pytest.mark.parametrize("method,settings", [("gptq", {}), ("gptq", {"act_order": True}), ("rtn", {"search": True}),
                                              ("rtn", {"four_over_six": True}),
                                              ("gptq", {"search": True, "four_over_six": True}),
-                                             ("rtn", {"hadamard": True}), ("gptq", {"hadamard": True})])
+                                             ("rtn", {"hadamard": True}), ("gptq", {"hadamard": True}),
+                                             ("gptq", {"four_over_six_inputs": True}),
+                                             ("rtn", {"search": True, "four_over_six_inputs": True})])
 def test_calibrated_methods_reload_bit_identically(method, settings, calib_ids, tmp_path):
     """GPTQ's weights are not recomputable from W and the scales: the file keeps their codes."""
     config = config_for("NVFP4", method, **settings)
@@ -69,6 +71,29 @@ def test_calibrated_methods_reload_bit_identically(method, settings, calib_ids, 
     q_proj = fresh.model.layers[1].self_attn.q_proj
     assert q_proj.weight_on_grid == (method == "gptq")
     assert torch.equal(q_proj.weight_quantizer(q_proj.quantized_weight), q_proj.quantized_weight)
+    assert q_proj.act_quantizer.four_over_six == settings.get("four_over_six_inputs", False)
+
+
+def test_input_four_over_six_is_each_input_blocks_choice_with_room_for_it_in_the_tensor_scale(calib_ids):
+    """Calibrated as plain NVFP4 but for the inputs: the same weights (RTN does not read the inputs), input
+    tensor scales aimed at 256 instead of 448, and each input block quantized by the lower-error mapping."""
+    plain, adaptive = tiny_llama(), tiny_llama()
+    quantize(plain, config_for("NVFP4"), calib_ids, progress=False)
+    quantize(adaptive, config_for("NVFP4", four_over_six_inputs=True), calib_ids, progress=False)
+    for name, module in adaptive.named_modules():
+        if hasattr(module, "act_quantizer") and module.act_quantizer is not None:
+            reference = plain.get_submodule(name)
+            assert torch.equal(module.quantized_weight, reference.quantized_weight)
+            ratio = module.act_quantizer.tensor_scale / reference.act_quantizer.tensor_scale
+            assert torch.isclose(ratio, torch.tensor(256 / 448)), name
+    assert not torch.equal(logits(adaptive, calib_ids), logits(plain, calib_ids))
+
+
+def test_a_parameter_file_from_before_a_setting_existed_reads_as_its_default():
+    saved = BlockSettings("NVFP4").parameter_settings()
+    del saved["four_over_six_inputs"]
+    assert block_parameter_settings(saved) == BlockSettings("NVFP4").parameter_settings()
+    assert block_parameter_settings(saved) != BlockSettings("NVFP4", four_over_six_inputs=True).parameter_settings()
 
 
 def test_the_hadamard_gptq_config_rotates_then_runs_gptq_and_reloads_bit_identically(calib_ids, tmp_path):
@@ -139,6 +164,9 @@ def test_what_cannot_run_is_refused_in_one_line(calib_ids, tmp_path):
         quantize(tiny_llama(), config_for("W4A16_G128"), calib_ids, progress=False)
     with pytest.raises(UsageError, match="four over six"):
         config_for("MXFP4", four_over_six=True)
+    for weight_only_or_mx in ("NVFP4A16", "MXFP4"):
+        with pytest.raises(UsageError, match="--four_over_six_inputs chooses between NVFP4 input block scales"):
+            config_for(weight_only_or_mx, four_over_six_inputs=True)
     path = tmp_path / "p.safetensors"
     quantize(tiny_llama(), config_for("NVFP4"), calib_ids, progress=False, files=ParamFile(path))
     with pytest.raises(ParamFileError, match="block"):  # another format under the same config name
@@ -176,9 +204,11 @@ def test_cli_refuses_flags_a_format_config_would_ignore():
                   ["--search_intervals", "0.5", "1.2", "10"]):  # NVFP4_config does not search
         with pytest.raises(UsageError, match="has no effect"):
             main.run(main.build_parser().parse_args(["--quant_config", "NVFP4_config", *flags]))
-    for flags in (["--format", "MXFP4"], ["--four_over_six"], ["--act_order"]):  # not for LLM-FP4 configs
+    for flags in (["--format", "MXFP4"], ["--four_over_six"], ["--four_over_six_inputs"], ["--act_order"]):  # not LLM-FP4
         with pytest.raises(UsageError, match="has no effect"):
             main.run(main.build_parser().parse_args(["--quant_config", "FPQ_config_llama", *flags]))
+    inputs46 = main.build_parser().parse_args(["--quant_config", "NVFP4_GPTQ_config", "--four_over_six_inputs"])
+    assert main.make_config(inputs46).block == replace(load_config("NVFP4_GPTQ_config").block, four_over_six_inputs=True)
     rounds = ["--search_round", "2", "--act_search_tokens", "64"]  # read where NVFP4's input tensor scale is searched
     assert main.make_config(main.build_parser().parse_args(["--quant_config", "NVFP4_search_config", *rounds])).search.rounds == 2
     for flags in (["--quant_config", "MXFP4_search_config"], ["--quant_config", "NVFP4_search_config", "--format", "MXFP4"],

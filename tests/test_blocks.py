@@ -423,11 +423,49 @@ def test_nvfp4_zero_tensor_quantizes_to_zeros():
     check_static(x, PRESET_SCHEMES["NVFP4"]["weights"])
 
 
+# ---- 3b. NVFP4 four over six ----
+
+def test_input_four_over_six_takes_each_blocks_lower_error_mapping():
+    """A dynamic NVFP4 input quantizer with four over six: per block, of the E4M3 scale mapping the block maximum
+    to 6 (what compressed-tensors computes, checked above) and the one mapping it to 4 (written out here with
+    compressed-tensors' own E2M1 rounding), the one whose squared error is lower; a tie keeps 6. Its calibrated
+    tensor scale aims the largest block at 256, the same choice the weights' static four over six makes."""
+    x = torch.cat([with_outliers(), with_zero_blocks(), magnitude_ladder()[:, :128] * 1e-30])
+    scheme = Scheme(E2M1, "group", 16, "e4m3", dynamic=True, four_over_six=True)
+    quantizer = make_quantizer(scheme, x)
+    g = quantizer.tensor_scale
+    assert g.item() == 256.0 * 6.0 / x.abs().amax()
+    blocks, amax = blocks_of(x, 16), blocks_of(x, 16).abs().amax(-1, keepdim=True)
+    six = blocks_of(BlockQuantizer(E2M1, 16, "e4m3", tensor_scale=g, dynamic=True)(x), 16)
+    scale4 = (g * (amax / 4.0)).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    step4 = torch.where(scale4 == 0, 0.125, scale4) / g
+    four = cast_to_fp4((blocks / step4).clamp(-6, 6)) * step4
+    error6, error4 = [(q - blocks).square().sum(-1, keepdim=True) for q in (six, four)]
+    chose_four = error4 < error6
+    assert 0.1 < chose_four.float().mean() < 0.9  # both mappings occur
+    assert_same(quantizer(x), torch.where(chose_four, four, six).flatten(-2))
+    assert_same(BlockQuantizer.four_over_six(x, E2M1, 16, tensor_scale=g)(x), quantizer(x))
+
+
+def test_four_over_six_tensor_scale_leaves_room_for_the_four_mapping():
+    x = with_outliers()
+    plain = make_quantizer(Scheme(E2M1, "group", 16, "e4m3", dynamic=True), x)
+    adaptive = make_quantizer(Scheme(E2M1, "group", 16, "e4m3", dynamic=True, four_over_six=True), x)
+    assert adaptive.tensor_scale.item() == 256.0 * 6.0 / x.abs().amax()
+    assert plain.tensor_scale.item() == 448.0 * 6.0 / x.abs().amax()
+    largest_block_scale = adaptive.scales(blocks_of(x, 16))[0].amax()
+    assert largest_block_scale < 448  # the largest block mapped to 4 would be 384, not saturated
+    dynamic = make_quantizer(Scheme(E2M1, "group", 16, "e4m3", dynamic=True, tensor_scale="dynamic",
+                                    four_over_six=True))
+    assert dynamic.scales(blocks_of(x, 16))[1].item() == adaptive.tensor_scale.item()
+
+
 # ---- 4. codes ----
 
 def all_quantizers(x: torch.Tensor) -> dict:
     """A quantizer of every kind on x: each MX element with each rule (static and dynamic), NVFP4 static,
-    dynamic with x's tensor scale as calibration, and dynamic with a dynamic tensor scale."""
+    dynamic with x's tensor scale as calibration, and dynamic with a dynamic tensor scale (both also with four
+    over six)."""
     found = {}
     for fmt in TOP:
         for rule in RULES:
@@ -435,8 +473,9 @@ def all_quantizers(x: torch.Tensor) -> dict:
                 scheme = Scheme(fmt, "group", 32, "e8m0", dynamic, rule)
                 found[scheme.name + "/" + rule] = make_quantizer(scheme, x)
     for dynamic, tensor_scale in ((False, ""), (True, "static"), (True, "dynamic")):
-        scheme = Scheme(E2M1, "group", 16, "e4m3", dynamic, tensor_scale=tensor_scale)
-        found[scheme.name + "/" + tensor_scale] = make_quantizer(scheme, x)
+        for four_over_six in (False, True) if dynamic else (False,):
+            scheme = Scheme(E2M1, "group", 16, "e4m3", dynamic, tensor_scale=tensor_scale, four_over_six=four_over_six)
+            found[scheme.name + "/" + tensor_scale] = make_quantizer(scheme, x)
     return found
 
 

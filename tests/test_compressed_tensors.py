@@ -238,6 +238,7 @@ def test_our_export_read_back_reproduces_the_in_memory_perplexity(config_name, t
 # (5) refusals, before any model is loaded
 @pytest.mark.parametrize("flags", [["--quant_config", "FPQ_config_llama"], ["--quant_config", "FlatQuant_config_llama"],
                                    ["--quant_config", "NVFP4_config", "--hadamard"],
+                                   ["--quant_config", "NVFP4_GPTQ_config", "--four_over_six_inputs"],
                                    ["--quant_config", "MXFP4_config", "--mx_rule", "floor"],
                                    ["--quant_config", "NVFP4_config", "--ignore", "none"],
                                    ["--quant_config", "NVFP4_FlatQuant_config"]])

@@ -74,6 +74,20 @@ def test_learnable_block_quantizer_is_the_format_bit_for_bit_and_passes_gradient
     assert lac.clip_max.grad != 0
 
 
+def test_learnable_input_four_over_six_is_the_deployed_choice_and_passes_gradients():
+    input_scheme = BlockSettings("NVFP4", four_over_six_inputs=True).schemes()[1]
+    x = awkward_tensor(8).reshape(2, 4, 64).requires_grad_(True)
+    dynamic = BlockQuantizer(input_scheme.element, 16, "e4m3", dynamic=True, four_over_six=True)
+    plain = BlockQuantizer(input_scheme.element, 16, "e4m3", dynamic=True)
+    learnable = LearnableBlockQuantizer(input_scheme, clip="scalar")
+    with torch.no_grad():
+        learnable.clip_max.fill_(20.0)  # a clip ratio of 1 in float32: the deployed quantizer's blocks
+    out = learnable(x)
+    assert torch.equal(out, dynamic(x.detach())) and not torch.equal(out, plain(x.detach()))
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad != 0).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_folded_model_without_quantizers_reproduces_full_precision(name, calib_ids):
     reference = logits(tiny_llama(), calib_ids)

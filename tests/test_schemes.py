@@ -29,9 +29,13 @@ def test_scheme_validation_and_json_round_trip():
         Scheme(E2M1, "row", dynamic=True)
     with pytest.raises(ValueError, match="unknown scale"):
         Scheme(E2M1, "row", scale="e9m9")
+    for size, scale, dynamic in ((16, "e4m3", False), (32, "e8m0", True)):  # static weights, MX inputs
+        with pytest.raises(ValueError, match="four over six as a scheme applies to dynamic E4M3"):
+            Scheme(E2M1, "group", size, scale, dynamic, four_over_six=True)
     assert Scheme(E2M1, "token").dynamic and Scheme(IntElement(4)).scale == "float"
     for scheme in (Scheme(E2M1, "row"), Scheme(FPFormat(3, 0, "reference"), "channel"),
-                   Scheme(IntElement(4, False), "group", 32, dynamic=True), Scheme(IntElement(8, True, True), "token")):
+                   Scheme(IntElement(4, False), "group", 32, dynamic=True), Scheme(IntElement(8, True, True), "token"),
+                   Scheme(E2M1, "group", 16, "e4m3", dynamic=True, four_over_six=True)):
         assert Scheme.from_dict(scheme.to_dict()) == scheme
 
 

@@ -19,7 +19,7 @@ from configs import QuantConfig
 from quant_layers import QuantEmbedding, QuantLinear, make_quantizer
 from quant_layers.block_search import (OutputError, group_quantizer, search_clip, search_input_tensor_scale,
                                        weight_quantizer)
-from quant_layers.blocks import FOUR_OVER_SIX_E4M3_MAX, E4M3_MAX, nvfp4_tensor_scale
+from quant_layers.blocks import nvfp4_tensor_scale, tensor_scale_aim
 from quant_layers.gptq import add_upper_gram, full_gram, gptq_quantize
 from quant_layers.rotations import BlockHadamard
 from quant_layers.search import LOCAL, TokenSplit
@@ -103,7 +103,7 @@ class BlockFormatStep:
         """NVFP4: one FP32 tensor scale for fused layers, the smallest of theirs (no block scale saturates)."""
         if self.weight_scheme.scale != "e4m3":
             return None
-        aim = FOUR_OVER_SIX_E4M3_MAX if self.settings.four_over_six else E4M3_MAX
+        aim = tensor_scale_aim(self.settings.four_over_six)
         return torch.stack([nvfp4_tensor_scale(w.detach().abs().amax(), aim) for w in weights]).min()
 
     def grams(self, inputs: "GroupInputs", act: nn.Module | None, split: TokenSplit = LOCAL,

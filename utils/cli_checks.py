@@ -42,7 +42,8 @@ RANGES = {
     "diag_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "percdamp": at_least(0),
 }
 
-FORMAT_FLAGS = ("format", "four_over_six", "hadamard", "mx_rule", "input_tensor_scale", "layer_errors")
+FORMAT_FLAGS = ("format", "four_over_six", "four_over_six_inputs", "hadamard", "mx_rule", "input_tensor_scale",
+                "layer_errors")
 SEARCH_FLAGS = ("search_round", "search_intervals", "search_grid", "search_strategy", "format_space",
                 "act_search_tokens")
 # Flags of the FlatQuant method: its settings (FlatSettings' fields; `transform` is --no_transform) and files.

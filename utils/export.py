@@ -51,6 +51,8 @@ def export_refusal(config: QuantConfig) -> str | None:
         return f"the engines compute MX input scales by the 'even' rule, not --mx_rule {inputs.rule}"
     if inputs is not None and inputs.tensor_scale == "dynamic":
         return "the engines use a calibrated NVFP4 input tensor scale, not --input_tensor_scale dynamic"
+    if inputs is not None and inputs.four_over_six:
+        return "the engines map every NVFP4 input block to 6, not four over six (--four_over_six_inputs)"
     return None
 
 

@@ -37,7 +37,7 @@ class BlockFormats(Method):
             parts.append(f"search{s.gamma_low:g}-{s.gamma_high:g}-{s.n_candidates}-{s.grid}-{s.strategy}")
         if b.searches_inputs():
             parts.append(f"rounds{s.rounds}-tokens{s.act_search_tokens or 'all'}-seed{s.seed}")
-        parts += ["46"] * b.four_over_six + ["hadamard"] * b.hadamard + [f"damp{b.percdamp:g}"] * (config.method == "gptq") + ["actorder"] * b.act_order
+        parts += ["46"] * b.four_over_six + ["inputs46"] * b.four_over_six_inputs + ["hadamard"] * b.hadamard + [f"damp{b.percdamp:g}"] * (config.method == "gptq") + ["actorder"] * b.act_order
         parts += ["fedquantized"] * config.feed_quantized
         parts += [f"attn-{config.calib_attention}"] * (config.calib_attention is not None)
         parts += [f"head{int(config.quantize_lm_head)}", f"emb{int(config.quantize_embedding)}", calib_tag]
