@@ -169,6 +169,19 @@ def test_matrix_file_reloads_bit_identically(name, calib_ids, tmp_path):
     assert torch.equal(logits(fresh, calib_ids), logits(model, calib_ids))
 
 
+def test_transforms_train_through_input_four_over_six_and_their_file_says_so(calib_ids, tmp_path):
+    adaptive, plain = tmp_path / "in46.safetensors", tmp_path / "plain.safetensors"
+    config = flat_config(block={"four_over_six_inputs": True})
+    model, report = calibrate(config, calib_ids, adaptive)
+    _, plain_report = calibrate(flat_config(), calib_ids, plain)
+    assert report.layers["model.layers.0"]["train_loss"] != plain_report.layers["model.layers.0"]["train_loss"]
+    assert model.model.layers[0].self_attn.q_proj.act_quantizer.four_over_six
+    with pytest.raises(MatrixFileError, match="four_over_six_inputs=True, not None"):
+        calibrate(flat_config(), calib_ids, adaptive, mode="reload")
+    with pytest.raises(MatrixFileError, match="four_over_six_inputs=None, not True"):
+        calibrate(config, calib_ids, plain, mode="reload")
+
+
 def test_matrix_file_of_another_format_is_refused(calib_ids, tmp_path):
     nvfp4, mxfp4, integer = tmp_path / "nv.safetensors", tmp_path / "mx.safetensors", tmp_path / "int.safetensors"
     calibrate(flat_config(epochs=0), calib_ids, nvfp4)

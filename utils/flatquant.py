@@ -487,7 +487,7 @@ def default_matrix_path(root, config: QuantConfig, model_name: str, fingerprint:
                                        ("A", f.lac), ("I", f.direct_inv)) if on)
     kv = f"q{f.q_bits}{'a' if f.q_asym else ''}g{f.q_groupsize}k{f.k_bits}{'a' if f.k_asym else ''}g{f.k_groupsize}" \
          f"v{f.v_bits}{'a' if f.v_asym else ''}g{f.v_groupsize}"
-    element = config.element if config.block is None else config.block.format
+    element = config.element if config.block is None else config.block.format + "-in46" * config.block.four_over_six_inputs
     name = (f"{element}W{config.w_bits}{'a' if f.w_asym else ''}A{config.a_bits}{'a' if f.a_asym else ''}_{kv}"
             f"_{switches or 'none'}{'' if f.transform else '_notrans'}_e{f.epochs}_bs{f.cali_bsz}_lr{f.flat_lr:g}"
             f"_alpha{f.diag_alpha:g}{'_warm' if f.warmup else ''}_{calib}.safetensors")
@@ -501,6 +501,8 @@ def matrix_metadata(config: QuantConfig, model_name: str, fingerprint: dict) -> 
                 "w_bits": config.w_bits, "a_bits": config.a_bits, "settings": {k: flat[k] for k in transform_keys}}
     if config.block is not None:  # transforms and clips trained for a named format's quantizers
         metadata["named_format"] = config.block.format
+        if config.block.four_over_six_inputs:  # trained through it (files without the key were not)
+            metadata["four_over_six_inputs"] = True
     return metadata
 
 
@@ -516,7 +518,7 @@ def read_matrices(path, expected: dict) -> dict:
                               "re-run calibration or pass another --matrix_path") from None
     if not same_model(meta["fingerprint"], expected["fingerprint"]):
         raise MatrixFileError(f"{path} was calibrated for another model ({meta['model']}); pass this model's --matrix_path")
-    for key in ("named_format", "element", "w_bits", "a_bits", "settings"):  # files before named formats: none
+    for key in ("named_format", "four_over_six_inputs", "element", "w_bits", "a_bits", "settings"):
         if meta.get(key) != expected.get(key):
             raise MatrixFileError(f"{path} was made with {key}={meta.get(key)}, not {expected.get(key)}; "
                                   "use the same FlatQuant settings or recalibrate")
