@@ -33,10 +33,13 @@ def test_parameter_files_reload_bit_identically(name):
         assert torch.equal(model(CALIB[:2]).logits, expected(name))
 
 
-def test_flatquant_matrix_file_reloads_bit_identically():
+def test_flatquant_matrix_file_reloads_to_the_same_logits():
+    """To float32 rounding, not bit for bit: the online transforms' small matmuls round differently in their last
+    bits on CPUs other than the one that wrote the fixture (seen: 1.4e-6 on logits up to 9), and no element is
+    quantized on the other side of a rounding boundary for it."""
     model, config = tiny_llama(), load_config("FlatQuant_config_llama")
     config = replace(config, flat=replace(config.flat, epochs=1, nsamples=4, cali_bsz=2))
     flat_quantize(model, config, CALIB, FIXTURES / "tiny_FlatQuant_config_llama.safetensors", "tiny",
                   model_fingerprint(model), mode="reload", progress=False)
     with torch.no_grad():
-        assert torch.equal(model(CALIB[:2]).logits, expected("FlatQuant_config_llama"))
+        torch.testing.assert_close(model(CALIB[:2]).logits, expected("FlatQuant_config_llama"), rtol=0, atol=1e-5)
