@@ -49,6 +49,9 @@ TABLES = {  # table -> (folder, settings shared by every row, {row: (label, its 
         "nvfp4_gptq": ("NVFP4 GPTQ", "--calib_size 32 --quant_config NVFP4_GPTQ_config"),
         "nvfp4_search": ("NVFP4 LLM-FP4 search", "--calib_size 32 --search_strategy coarse --quant_config NVFP4_search_config"),
         "nvfp4_best": ("NVFP4 search + 4/6 + GPTQ", "--calib_size 32 --search_strategy coarse --quant_config NVFP4_best_config"),
+        "nvfp4_gptq_in46": ("NVFP4 GPTQ, inputs 4/6", "--calib_size 32 --quant_config NVFP4_GPTQ_config --four_over_six_inputs"),
+        "nvfp4_best_in46": ("NVFP4 search + 4/6 + GPTQ, inputs 4/6", "--calib_size 32 --search_strategy coarse "
+                            "--quant_config NVFP4_best_config --four_over_six_inputs"),
         "mxfp4_rtn": ("MXFP4 RTN", "--calib_size 32 --quant_config MXFP4_config"),
         "mxfp4_gptq": ("MXFP4 GPTQ", "--calib_size 32 --quant_config MXFP4_GPTQ_config"),
         "mxfp4_hadamard_gptq": ("MXFP4 Hadamard + GPTQ", "--calib_size 32 --quant_config MXFP4_Hadamard_GPTQ_config"),

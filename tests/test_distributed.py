@@ -38,7 +38,8 @@ from utils.onload import load_offloaded
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-# name: (config, windows x tokens, float64 model, exact: bit-identical, else 1% of entries may differ)
+# name: (config, windows x tokens, float64 model, exact: bit-identical, else 1% of a tensor's entries, or one
+# entry, may differ)
 CASES = {
     "minmax": ("MinMax_config_llama", (4, 32), False, True),
     "minmax_int": ("MinMax_INT_config_llama", (4, 32), False, True),
@@ -180,8 +181,8 @@ def assert_same_file(one, two, exact, atol=0.0):
             assert torch.equal(a[key], b[key]), key
         elif atol:
             assert torch.allclose(a[key].double(), b[key].double(), rtol=0, atol=atol), key
-        else:
-            assert (a[key] != b[key]).float().mean() <= 0.01, key
+        else:  # a near-tie of two candidates' summed losses may go the other way: one entry, or 1 % of them
+            assert (a[key] != b[key]).sum() <= max(1, 0.01 * a[key].numel()), key
 
 
 @pytest.mark.parametrize("case", CASES)
