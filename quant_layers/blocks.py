@@ -134,19 +134,21 @@ def tensor_scale_aim(four_over_six: bool) -> float:
 
 
 def four_or_six(blocks: torch.Tensor, tensor_scale: torch.Tensor, fmt: FPFormat, clip=None,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Each block's E4M3 scale [..., n / block_size] of `blocks` [..., n / block_size, block_size]: the one that
-    maps its (clipped) maximum to 6 or the one that maps it to 4, whichever gives the lower squared error (each
-    element's error times `weight`, broadcastable to blocks; a tie keeps 6)."""
+                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each block's E4M3 scale [..., n / block_size], the blocks quantized with it) of `blocks` [..., n /
+    block_size, block_size]: the scale that maps a block's (clipped) maximum to 6 or the one that maps it to 4,
+    whichever gives the lower squared error (each element's error times `weight`, broadcastable to blocks; a tie
+    keeps 6)."""
     amax = block_amax(blocks)
-    six, four = (e4m3_scales(amax, tensor_scale, fmt, clip, divisor) for divisor in (None, 4.0))
-
-    def error(scale):
-        step = BlockQuantizer.step(scale, tensor_scale)
-        squared = ((element_quantize(blocks / step, fmt) * step).to(blocks.dtype) - blocks).square()
-        return (squared if weight is None else squared * weight).sum(-1)
-
-    return torch.where(error(four) < error(six), four, six)
+    scales, quantized, errors = [], [], []
+    for divisor in (None, 4.0):
+        scales.append(e4m3_scales(amax, tensor_scale, fmt, clip, divisor))
+        step = BlockQuantizer.step(scales[-1], tensor_scale)
+        quantized.append((element_quantize(blocks / step, fmt) * step).to(blocks.dtype))
+        squared = (quantized[-1] - blocks).square()
+        errors.append((squared if weight is None else squared * weight).sum(-1))
+    four = errors[1] < errors[0]
+    return torch.where(four, scales[1], scales[0]), torch.where(four[..., None], quantized[1], quantized[0])
 
 
 def blocks_of(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -212,23 +214,26 @@ class BlockQuantizer(nn.Module):
         if tensor_scale is None:
             tensor_scale = nvfp4_tensor_scale(x.detach().abs().amax(), FOUR_OVER_SIX_E4M3_MAX, fmt)
         weight = None if importance is None else blocks_of(importance, block_size)
-        scale = four_or_six(blocks_of(x.detach(), block_size), tensor_scale, fmt, clip, weight)
+        scale, _ = four_or_six(blocks_of(x.detach(), block_size), tensor_scale, fmt, clip, weight)
         return cls(fmt, block_size, "e4m3", scale, tensor_scale)
+
+    def tensor_scale_of(self, blocks: torch.Tensor) -> torch.Tensor | None:
+        """NVFP4's tensor scale for `blocks`: the calibrated one, else their own; None for E8M0 scales."""
+        if self.encoding != "e4m3":
+            return None
+        if self.tensor_scale is not None:
+            return self.tensor_scale
+        return nvfp4_tensor_scale(blocks.detach().abs().amax(), tensor_scale_aim(self.four_over_six), self.fmt)
 
     def scales(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(each block's stored scale value [..., n / block_size], NVFP4's tensor scale or None) for `blocks`."""
-        tensor_scale = None
-        if self.encoding == "e4m3":
-            tensor_scale = self.tensor_scale
-            if tensor_scale is None:
-                tensor_scale = nvfp4_tensor_scale(blocks.detach().abs().amax(), tensor_scale_aim(self.four_over_six),
-                                                  self.fmt)
+        tensor_scale = self.tensor_scale_of(blocks)
         if not self.dynamic:
             return self.scale, tensor_scale
         if self.encoding == "e8m0":
             return mx_scales(mx_scale_codes(block_amax(blocks), self.fmt, self.rule)), None
         if self.four_over_six:
-            return four_or_six(blocks.detach(), tensor_scale, self.fmt), tensor_scale
+            return four_or_six(blocks.detach(), tensor_scale, self.fmt)[0], tensor_scale
         return e4m3_scales(block_amax(blocks), tensor_scale, self.fmt), tensor_scale
 
     @staticmethod
@@ -238,6 +243,8 @@ class BlockQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = blocks_of(x, self.block_size)
+        if self.four_over_six:  # choosing each block's mapping quantized it both ways already
+            return four_or_six(blocks, self.tensor_scale_of(blocks), self.fmt)[1].flatten(-2)
         step = self.step(*self.scales(blocks))
         # flatten, not reshape(x.shape): scales with leading candidate dimensions broadcast over x (the search)
         return (element_quantize(blocks / step, self.fmt) * step).to(x.dtype).flatten(-2)
